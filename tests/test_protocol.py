@@ -1,0 +1,226 @@
+"""protocol.py without sockets: framing, limits, parsing, sanitising, the lines the server sends."""
+
+from __future__ import annotations
+
+import unicodedata
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import protocol
+from protocol import LineBuffer, LineTooLong
+
+
+def feed_all(buffer: LineBuffer, chunks: list[bytes]) -> list[bytes | type[LineTooLong]]:
+    """Feeds the chunks in order and collects every line and every over-long-line report."""
+    out: list[bytes | type[LineTooLong]] = []
+    for chunk in chunks:
+        buffer.feed(chunk)
+        while True:
+            try:
+                line = buffer.next_line()
+            except LineTooLong:
+                out.append(LineTooLong)
+                continue
+            if line is None:
+                break
+            out.append(line)
+    return out
+
+
+def one_byte_at_a_time(data: bytes) -> list[bytes]:
+    return [data[i : i + 1] for i in range(len(data))]
+
+
+STREAM = b"!Join\r\nhello\n\nsecond line\r\nno end yet"
+
+
+@pytest.mark.parametrize("chunks", [[STREAM], one_byte_at_a_time(STREAM)], ids=["whole", "bytes"])
+def test_lines_are_split_on_newline_and_a_trailing_partial_line_is_kept(
+    chunks: list[bytes],
+) -> None:
+    buffer = LineBuffer()
+    assert feed_all(buffer, chunks) == [b"!Join", b"hello", b"", b"second line"]
+    assert buffer.has_partial_line
+    buffer.feed(b"\n")
+    assert buffer.next_line() == b"no end yet"
+    assert not buffer.has_partial_line
+    assert buffer.next_line() is None
+
+
+def test_a_bare_carriage_return_does_not_end_a_line() -> None:
+    assert feed_all(LineBuffer(), [b"a\rb\r\n"]) == [b"a\rb"]
+
+
+def test_a_line_of_exactly_the_limit_is_returned() -> None:
+    line = b"x" * 15 + b"\n"
+    assert feed_all(LineBuffer(max_line=16), [line]) == [b"x" * 15]
+
+
+def test_the_limit_counts_the_carriage_return() -> None:
+    assert feed_all(LineBuffer(max_line=16), [b"x" * 14 + b"\r\n"]) == [b"x" * 14]
+    assert feed_all(LineBuffer(max_line=16), [b"x" * 15 + b"\r\n"]) == [LineTooLong]
+
+
+def test_a_line_one_byte_over_the_limit_is_reported_and_the_next_line_survives() -> None:
+    buffer = LineBuffer(max_line=16)
+    assert feed_all(buffer, [b"x" * 16 + b"\n" + b"next\n"]) == [LineTooLong, b"next"]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+def test_an_endless_line_is_reported_once_while_incomplete_and_never_fills_memory(
+    chunk_size: int,
+) -> None:
+    buffer = LineBuffer(max_line=16)
+    outcomes = []
+    for _ in range(10_000 // chunk_size):
+        outcomes += feed_all(buffer, [b"y" * chunk_size])
+        assert len(buffer._data) <= 16 + chunk_size
+    assert outcomes == [LineTooLong]
+    assert buffer.has_partial_line
+    assert feed_all(buffer, [b"tail of it\nafter\n"]) == [b"after"]
+    assert not buffer.has_partial_line
+
+
+def test_the_buffer_never_rescans_what_it_already_searched() -> None:
+    buffer = LineBuffer(max_line=1 << 20)
+    for byte in one_byte_at_a_time(b"z" * 1000):
+        buffer.feed(byte)
+        assert buffer.next_line() is None
+    assert buffer._searched == 1000
+
+
+lines_without_newline = st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")))
+
+
+@given(lines=lines_without_newline, crlf=st.booleans(), data=st.data())
+def test_any_chunking_of_a_stream_gives_the_same_lines(
+    lines: list[bytes], crlf: bool, data: st.DataObject
+) -> None:
+    # A line ending in "\r" would lose it to the "\r\n" rule; keep the expectation simple.
+    lines = [line.rstrip(b"\r") for line in lines]
+    stream = b"".join(line + (b"\r\n" if crlf else b"\n") for line in lines)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=20)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    assert feed_all(LineBuffer(), chunks) == lines
+
+
+@given(
+    lines=st.lists(st.binary(max_size=60).map(lambda b: b.replace(b"\n", b"").rstrip(b"\r"))),
+    data=st.data(),
+)
+def test_any_chunking_reports_the_same_over_long_lines(
+    lines: list[bytes], data: st.DataObject
+) -> None:
+    limit = 32
+    stream = b"".join(line + b"\n" for line in lines)
+    expected = [line if len(line) + 1 <= limit else LineTooLong for line in lines]
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=30)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    assert feed_all(LineBuffer(max_line=limit), chunks) == expected
+
+
+@pytest.mark.parametrize(
+    ("line", "command"),
+    [
+        (b"!Join", protocol.Join()),
+        (b"  !join \t", protocol.Join()),
+        (b"!Quit", protocol.Quit()),
+        (b"!QUIT", protocol.Quit()),
+        (b"", protocol.Blank()),
+        (b" \t ", protocol.Blank()),
+        (b"!Joined the club", protocol.Say("!Joined the club")),
+        (b"hello world", protocol.Say("hello world")),
+        (b"caf\xc3\xa9 \xf0\x9f\x98\x80", protocol.Say("café 😀")),
+        (b"bad \xff byte", protocol.Say("bad \ufffd byte")),
+        (b"\x1b[2Jclear", protocol.Say("\ufffd[2Jclear")),
+    ],
+)
+def test_client_lines_parse_into_commands(line: bytes, command: protocol.Command) -> None:
+    assert protocol.parse_client_line(line) == command
+
+
+@pytest.mark.parametrize(
+    "unsafe",
+    ["\x00", "\x07", "\x08", "\r", "\x1b", "\x7f", "\x85", "\x9b", "\u2028", "\u2029", "\u202e"],
+)
+def test_sanitize_replaces_control_and_bidi_characters(unsafe: str) -> None:
+    assert protocol.sanitize(f"a{unsafe}b") == "a\ufffdb"
+
+
+def test_sanitize_turns_a_tab_into_a_space() -> None:
+    assert protocol.sanitize("a\tb") == "a b"
+
+
+@pytest.mark.parametrize("text", ["👨‍👩‍👧 family", "e\u0301", "漢字かな", "naïve café", "a\u00a0b"])
+def test_sanitize_keeps_ordinary_unicode(text: str) -> None:
+    assert protocol.sanitize(text) == text
+
+
+EXPLICIT_BIDI_CLASSES = {"LRE", "RLE", "PDF", "LRO", "RLO", "LRI", "RLI", "FSI", "PDI"}
+BIDI_MARKS = "\u200e\u200f\u061c"  # LRM, RLM, ALM: their bidi classes are those of letters
+
+
+def is_unsafe(char: str) -> bool:
+    """Told from the Unicode database, independently of protocol.py's own table."""
+    return (
+        unicodedata.category(char) in ("Cc", "Zl", "Zp")
+        or unicodedata.bidirectional(char) in EXPLICIT_BIDI_CLASSES
+        or char in BIDI_MARKS
+    )
+
+
+@given(st.text())
+def test_sanitized_text_has_no_unsafe_character_and_sanitizing_again_changes_nothing(
+    text: str,
+) -> None:
+    clean = protocol.sanitize(text)
+    assert not [c for c in clean if is_unsafe(c)]
+    assert protocol.sanitize(clean) == clean
+
+
+@given(st.binary())
+def test_any_bytes_decode_to_safe_text(line: bytes) -> None:
+    text = protocol.decode_line(line)
+    assert not [c for c in text if is_unsafe(c)]
+    text.encode("utf-8")  # raises if a lone surrogate survived
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "member_id"),
+    [
+        ("127.0.0.1", 5012, "127.0.0.1:5012"),
+        ("::1", 5012, "[::1]:5012"),
+        ("fe80::1%eth0", 1, "[fe80::1%eth0]:1"),
+        ("::ffff:192.168.1.9", 40000, "192.168.1.9:40000"),
+    ],
+)
+def test_member_ids_are_ip_and_port(host: str, port: int, member_id: str) -> None:
+    assert protocol.format_member_id(host, port) == member_id
+
+
+def test_server_lines_name_the_member_and_end_in_one_newline() -> None:
+    who = "127.0.0.1:5012"
+    lines = {
+        "welcome": protocol.welcome_line(who, 2),
+        "joined": protocol.joined_line(who),
+        "left": protocol.left_line(who, protocol.REASON_QUIT),
+        "goodbye": protocol.goodbye_line(who),
+        "chat": protocol.chat_line(who, "hi there"),
+    }
+    for line in lines.values():
+        assert who.encode() in line
+        assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert lines["welcome"] == b"* Welcome, 127.0.0.1:5012. Others here: 2\n"
+    assert lines["joined"] == b"* 127.0.0.1:5012 joined\n"
+    assert lines["left"] == b"* 127.0.0.1:5012 left (quit)\n"
+    assert lines["chat"] == b"[127.0.0.1:5012] hi there\n"
+    assert protocol.error_line("Already joined") == b"ERROR :Already joined\n"
+
+
+def test_a_chat_line_shows_the_real_sender_before_any_forged_tag() -> None:
+    text = protocol.decode_line(b"hi\r[9.9.9.9:9] fake")
+    assert protocol.chat_line("127.0.0.1:5012", text) == (
+        "[127.0.0.1:5012] hi\ufffd[9.9.9.9:9] fake\n".encode()
+    )

@@ -1,0 +1,55 @@
+"""Command-line pieces the server and the client share: one-line errors, --version, ports."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from typing import Callable, NoReturn
+
+import protocol
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5050
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is reported in one line on stderr instead of usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def make_parser(prog: str, description: str) -> OneLineErrorParser:
+    parser = OneLineErrorParser(prog=prog, description=description)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {protocol.VERSION}")
+    return parser
+
+
+def int_in_range(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from low to high, with a message that says so."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not between {low} and {high}")
+        return value
+
+    return convert
+
+
+def fail(prog: str, message: str) -> int:
+    """Reports a fatal error as one line on stderr and gives the exit status for it."""
+    print(f"{prog}: {message}", file=sys.stderr)
+    return 1
+
+
+def describe(exc: OSError) -> str:
+    """The OS's short words for an error ("Connection refused"), without the call's details."""
+    if exc.errno and not isinstance(exc, socket.gaierror):
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc)

@@ -1,0 +1,245 @@
+"""Real processes and real loopback sockets, and waits that end on a condition or a deadline."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Callable, TypeVar
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# How long any single wait may take before the test fails; generous for a loaded CI machine.
+WAIT_SECONDS = 10.0
+
+
+class LineCollector:
+    """Reads a text stream in a background thread and lets a test wait for a line in it."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []  # every line read so far, without its newline
+        self._next = 0  # index of the first line expect() has not looked at
+        self._ended = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._collect, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _collect(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    def expect(self, needle: str, timeout: float = WAIT_SECONDS) -> str:
+        """The next line, after the last one expected, that contains needle."""
+        return self.expect_match(lambda line: needle in line, repr(needle), timeout)
+
+    def expect_match(
+        self, matches: Callable[[str], bool], what: str, timeout: float = WAIT_SECONDS
+    ) -> str:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                while self._next < len(self.lines):
+                    line = self.lines[self._next]
+                    self._next += 1
+                    if matches(line):
+                        return line
+                remaining = deadline - time.monotonic()
+                if self._ended or remaining <= 0:
+                    state = "stream ended" if self._ended else f"no line in {timeout} s"
+                    raise AssertionError(f"{state} matching {what}; lines: {self.lines}")
+                self._changed.wait(remaining)
+
+    def wait_until(
+        self, condition: Callable[[list[str]], bool], what: str, timeout: float = WAIT_SECONDS
+    ) -> list[str]:
+        """Every line so far, once condition holds for them."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: condition(self.lines), timeout):
+                raise AssertionError(f"no {what} in {timeout} s; lines: {self.lines[-20:]}")
+            return list(self.lines)
+
+    def wait_ended(self, timeout: float = WAIT_SECONDS) -> list[str]:
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._ended, timeout):
+                raise AssertionError(f"stream still open after {timeout} s: {self.lines}")
+            return list(self.lines)
+
+
+class Program:
+    """One of our programs running as a real process, its stdout and stderr collected."""
+
+    def __init__(self, script: str, *args: str, stdin: int | None = subprocess.PIPE) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", str(ROOT / script), *args],
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+        )
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self.stdout = LineCollector(self.proc.stdout)
+        self.stderr = LineCollector(self.proc.stderr)
+
+    def type_line(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+
+    def close_stdin(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+
+    def wait_exit(self, timeout: float = WAIT_SECONDS) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(WAIT_SECONDS)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+class Server(Program):
+    def __init__(self, *args: str) -> None:
+        super().__init__("chatroom_server.py", "--port", "0", *args, stdin=subprocess.DEVNULL)
+        listening = self.stdout.expect("listening on")
+        found = re.search(r":(\d+)$", listening)
+        assert found, listening
+        self.port = int(found.group(1))
+
+
+class Client(Program):
+    def __init__(self, port: int, *args: str) -> None:
+        super().__init__("chatroom_client.py", "--port", str(port), *args)
+        welcome = self.stdout.expect("Welcome")
+        found = re.search(r"Welcome, (\S+)\.", welcome)
+        assert found, welcome
+        self.member_id = found.group(1)  # as the server named us
+
+
+class Member:
+    """A member speaking the wire protocol over a raw socket, as nc would."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection((host, port), timeout=WAIT_SECONDS)
+        address, member_port = self.sock.getsockname()[:2]
+        shown = f"[{address}]" if ":" in address else address
+        self.member_id = f"{shown}:{member_port}"
+        self.lines: list[str] = []  # every line received, in order
+        self._buffer = b""
+
+    def send(self, data: bytes | str) -> None:
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def say(self, text: str) -> None:
+        self.send(text + "\n")
+
+    def join(self) -> str:
+        self.say("!Join")
+        return self.expect("Welcome")
+
+    def read_line(self, timeout: float = WAIT_SECONDS) -> str:
+        """The next whole line; EOFError at a clean end of stream."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no line in {timeout} s; lines so far: {self.lines}")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not data:
+                raise EOFError(f"end of stream; partial line {self._buffer!r}")
+            self._buffer += data
+        raw, self._buffer = self._buffer.split(b"\n", 1)
+        line = raw.decode("utf-8")
+        self.lines.append(line)
+        return line
+
+    def expect(self, needle: str, timeout: float = WAIT_SECONDS) -> str:
+        """Reads up to the next line that contains needle."""
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.read_line(max(0.0, deadline - time.monotonic()))
+            if needle in line:
+                return line
+
+    def read_until_eof(self, timeout: float = WAIT_SECONDS) -> list[str]:
+        """Every remaining line until the server closes; fails on a reset or the deadline."""
+        deadline = time.monotonic() + timeout
+        rest: list[str] = []
+        try:
+            while True:
+                rest.append(self.read_line(max(0.0, deadline - time.monotonic())))
+        except EOFError:
+            return rest
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+_P = TypeVar("_P", bound=Program)
+
+
+class Room:
+    """Starts programs and members for one test and cleans every one of them up."""
+
+    def __init__(self) -> None:
+        self._programs: list[Program] = []
+        self._members: list[Member] = []
+
+    def server(self, *args: str) -> Server:
+        return self._track(Server(*args))
+
+    def client(self, port: int, *args: str) -> Client:
+        return self._track(Client(port, *args))
+
+    def program(self, script: str, *args: str) -> Program:
+        return self._track(Program(script, *args))
+
+    def member(self, port: int, host: str = "127.0.0.1") -> Member:
+        member = Member(port, host)
+        self._members.append(member)
+        return member
+
+    def _track(self, program: _P) -> _P:
+        self._programs.append(program)
+        return program
+
+    def clean_up(self) -> None:
+        for member in self._members:
+            member.close()
+        for program in self._programs:
+            program.stop()
+
+
+@pytest.fixture
+def room() -> Iterator[Room]:
+    room = Room()
+    try:
+        yield room
+    finally:
+        room.clean_up()
+
+
+@pytest.fixture
+def server(room: Room) -> Server:
+    return room.server()

@@ -1,0 +1,135 @@
+"""The client in a real terminal (tmux): typing is never garbled by lines arriving."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Callable
+
+import pytest
+
+from .conftest import ROOT, WAIT_SECONDS, Room, Server
+
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+
+_sessions = itertools.count()
+
+
+class Tmux:
+    """A private tmux server holding one shell, driven by keystrokes and read off the screen."""
+
+    def __init__(self) -> None:
+        self.socket_name = f"chatroom-test-{os.getpid()}-{next(_sessions)}"
+        shell = "env -i PATH=/usr/bin:/bin TERM=xterm PS1='$ ' bash --norc --noprofile"
+        self._tmux("new-session", "-d", "-x", "120", "-y", "30", shell)
+
+    def _tmux(self, *args: str) -> str:
+        done = subprocess.run(
+            ["tmux", "-L", self.socket_name, *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=WAIT_SECONDS,
+        )
+        return done.stdout
+
+    def type(self, text: str) -> None:
+        self._tmux("send-keys", "-l", text)
+
+    def press(self, key: str) -> None:
+        self._tmux("send-keys", key)
+
+    def screen(self) -> list[str]:
+        return self._tmux("capture-pane", "-p").rstrip("\n").split("\n")
+
+    def wait_for_screen(self, shows: Callable[[list[str]], bool], what: str) -> list[str]:
+        """A screen has no event to wait on, so this is a bounded retry."""
+        deadline = time.monotonic() + WAIT_SECONDS
+        while True:
+            screen = self.screen()
+            if shows(screen):
+                return screen
+            if time.monotonic() > deadline:
+                raise AssertionError(f"screen never showed {what}:\n" + "\n".join(screen))
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "-L", self.socket_name, "kill-server"], capture_output=True)
+
+
+@pytest.fixture
+def tmux() -> Iterator[Tmux]:
+    terminal = Tmux()
+    try:
+        yield terminal
+    finally:
+        terminal.kill()
+
+
+def last_line(screen: list[str]) -> str:
+    rows = [row for row in screen if row.strip()]
+    return rows[-1] if rows else ""
+
+
+def start_client(tmux: Tmux, port: int) -> None:
+    tmux.wait_for_screen(lambda screen: last_line(screen) == "$", "the shell prompt")
+    command = [sys.executable, str(ROOT / "chatroom_client.py"), "--port", str(port)]
+    tmux.type(shlex.join(command))
+    tmux.press("Enter")
+    tmux.wait_for_screen(lambda screen: last_line(screen) == ">", "the client's prompt")
+
+
+def test_lines_arriving_while_typing_leave_the_half_typed_text_intact(
+    room: Room, server: Server, tmux: Tmux
+) -> None:
+    other = room.member(server.port)
+    other.join()
+    start_client(tmux, server.port)
+    joined = re.fullmatch(r"\* (\S+) joined", other.read_line())
+    assert joined
+    client_id = joined.group(1)
+
+    tmux.type("half typed")
+    tmux.wait_for_screen(lambda screen: last_line(screen) == "> half typed", "the typing")
+    for word in ("first", "second", "third"):
+        other.say(f"{word} message")
+    screen = tmux.wait_for_screen(
+        lambda screen: f"[{other.member_id}] third message" in screen, "three messages"
+    )
+    rows = [row for row in screen if row.strip()]
+    assert rows[-4:] == [
+        f"[{other.member_id}] first message",
+        f"[{other.member_id}] second message",
+        f"[{other.member_id}] third message",
+        "> half typed",
+    ]
+
+    tmux.type(" and finished")
+    tmux.press("Enter")
+    assert other.read_line() == f"[{client_id}] half typed and finished"
+
+
+def test_ctrl_c_leaves_quickly_and_the_terminal_stays_sane(
+    room: Room, server: Server, tmux: Tmux
+) -> None:
+    other = room.member(server.port)
+    other.join()
+    start_client(tmux, server.port)
+    client_id = other.read_line().split()[1]
+    tmux.type("abandoned")
+    started = time.monotonic()
+    tmux.press("C-c")
+    assert other.read_line() == f"* {client_id} left (quit)"
+    tmux.wait_for_screen(lambda screen: last_line(screen) == "$", "the shell prompt again")
+    assert time.monotonic() - started < 2
+    tmux.type("stty -a | tr ' ;' '\\n\\n' | grep -x -e echo -e icanon -e -echo -e -icanon")
+    tmux.press("Enter")
+    screen = tmux.wait_for_screen(lambda screen: last_line(screen) == "$", "stty's answer")
+    assert [row for row in screen if row.strip()][-3:] == ["icanon", "echo", "$"]

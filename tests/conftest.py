@@ -136,8 +136,13 @@ class Client(Program):
 class Member:
     """A member speaking the wire protocol over a raw socket, as nc would."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
-        self.sock = socket.create_connection((host, port), timeout=WAIT_SECONDS)
+    def __init__(self, port: int, host: str = "127.0.0.1", receive_buffer: int = 0) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        if receive_buffer:  # before connect(), so the TCP window is small from the start
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.settimeout(WAIT_SECONDS)
+        self.sock.connect((host, port))
         address, member_port = self.sock.getsockname()[:2]
         shown = f"[{address}]" if ":" in address else address
         self.member_id = f"{shown}:{member_port}"
@@ -215,8 +220,8 @@ class Room:
     def program(self, script: str, *args: str) -> Program:
         return self._track(Program(script, *args))
 
-    def member(self, port: int, host: str = "127.0.0.1") -> Member:
-        member = Member(port, host)
+    def member(self, port: int, host: str = "127.0.0.1", receive_buffer: int = 0) -> Member:
+        member = Member(port, host, receive_buffer)
         self._members.append(member)
         return member
 

@@ -56,6 +56,20 @@ def test_quit_says_goodbye_exits_zero_and_the_others_see_the_leave(
     alice.stdout.expect(f"* {bob.member_id} left (quit)")
 
 
+def test_a_client_that_left_can_join_again_and_the_others_are_unaffected(
+    room: Room, server: Server
+) -> None:
+    alice, bob = room.client(server.port), room.client(server.port)
+    alice.stdout.expect(bob.member_id)
+    bob.type_line("!Quit")
+    assert bob.wait_exit() == 0
+    again = room.client(server.port)
+    assert again.stdout.lines[0].endswith("Others here: 1")
+    alice.stdout.expect(f"* {again.member_id} joined")
+    again.type_line("back again")
+    alice.stdout.expect(f"[{again.member_id}] back again")
+
+
 def test_end_of_input_leaves_the_same_way(room: Room, server: Server) -> None:
     alice, bob = room.client(server.port), room.client(server.port)
     alice.stdout.expect(bob.member_id)
@@ -242,3 +256,24 @@ def test_20_members_sending_100_messages_each_get_all_others_in_order(
             from_other = [line for line in said if line.startswith(f"[{other.member_id}] ")]
             expected = [] if other is client else [f"[{other.member_id}] n={n}" for n in range(100)]
             assert from_other == expected
+
+
+def test_a_member_that_stops_reading_delays_no_one_and_later_gets_everything_in_order(
+    room: Room, server: Server
+) -> None:
+    sender, reader = room.member(server.port), room.member(server.port)
+    stalled = room.member(server.port, receive_buffer=16384)
+    for member in (sender, reader, stalled):
+        member.join()
+    reader.expect(stalled.member_id)
+    sender.expect(stalled.member_id)
+    # 8 MB is more than the server's send buffer (at most 4 MiB) and the stalled member's
+    # receive buffer hold, so sends to it come back partial and the server must wait for
+    # EVENT_WRITE, while the reader keeps up.
+    lines = [f"{n:06d} " + "x" * 192 for n in range(40_000)]
+    for start in range(0, len(lines), 1000):
+        sender.send("".join(line + "\n" for line in lines[start : start + 1000]))
+        for line in lines[start : start + 1000]:
+            assert reader.read_line() == f"[{sender.member_id}] {line}"
+    for line in lines:
+        assert stalled.read_line() == f"[{sender.member_id}] {line}"

@@ -27,6 +27,18 @@ def make_parser(prog: str, description: str) -> OneLineErrorParser:
     return parser
 
 
+def add_address_arguments(
+    parser: argparse.ArgumentParser, host_help: str, lowest_port: int, port_help: str
+) -> None:
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"{host_help} (default: %(default)s)")
+    parser.add_argument(
+        "--port",
+        type=int_in_range(lowest_port, 65535),
+        default=DEFAULT_PORT,
+        help=f"{port_help} (default: %(default)s)",
+    )
+
+
 def int_in_range(low: int, high: int) -> Callable[[str], int]:
     """An argparse type: a whole number from low to high, with a message that says so."""
 

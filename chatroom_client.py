@@ -207,17 +207,7 @@ def terminal_settings_restored() -> Iterator[None]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = chatroom_cli.make_parser(PROG, "Join a chat room. Type to talk; !Quit to leave.")
-    parser.add_argument(
-        "--host",
-        default=chatroom_cli.DEFAULT_HOST,
-        help="server address (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--port",
-        type=chatroom_cli.int_in_range(1, 65535),
-        default=chatroom_cli.DEFAULT_PORT,
-        help="server port (default: %(default)s)",
-    )
+    chatroom_cli.add_address_arguments(parser, "server address", 1, "server port")
     return parser.parse_args(argv)
 
 

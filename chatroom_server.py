@@ -337,16 +337,11 @@ def open_listener(host: str, port: int) -> socket.socket:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = chatroom_cli.make_parser(PROG, "Serve a chat room for terminal clients and nc.")
-    parser.add_argument(
-        "--host",
-        default=chatroom_cli.DEFAULT_HOST,
-        help="address to listen on; 0.0.0.0 (or ::) for the whole LAN (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--port",
-        type=chatroom_cli.int_in_range(0, 65535),
-        default=chatroom_cli.DEFAULT_PORT,
-        help="TCP port; 0 picks a free one (default: %(default)s)",
+    chatroom_cli.add_address_arguments(
+        parser,
+        "address to listen on; 0.0.0.0 (or ::) for the whole LAN",
+        0,
+        "TCP port; 0 picks a free one",
     )
     parser.add_argument(
         "--max-line",

@@ -225,6 +225,27 @@ class Room:
         self._members.append(member)
         return member
 
+    def joined_members(self, port: int, count: int) -> list[Member]:
+        """count members, joined in order, each having seen every later one join."""
+        members: list[Member] = []
+        for _ in range(count):
+            newcomer = self.member(port)
+            newcomer.join()
+            for member in members:
+                member.expect(f"* {newcomer.member_id} joined")
+            members.append(newcomer)
+        return members
+
+    def joined_clients(self, port: int, count: int) -> list[Client]:
+        """count client processes, started in order, each having seen every later one join."""
+        clients: list[Client] = []
+        for _ in range(count):
+            newcomer = self.client(port)
+            for client in clients:
+                client.stdout.expect(f"* {newcomer.member_id} joined")
+            clients.append(newcomer)
+        return clients
+
     def _track(self, program: _P) -> _P:
         self._programs.append(program)
         return program

@@ -29,8 +29,7 @@ def test_three_clients_join_with_welcomes_and_join_notices(room: Room, server: S
 def test_a_message_reaches_every_other_member_once_and_never_its_sender(
     room: Room, server: Server
 ) -> None:
-    alice, bob, carol = (room.client(server.port) for _ in range(3))
-    bob.stdout.expect(carol.member_id)
+    alice, bob, carol = room.joined_clients(server.port, 3)
     alice.type_line("hello, room")
     said = f"[{alice.member_id}] hello, room"
     bob.stdout.expect(said)
@@ -44,25 +43,15 @@ def test_a_message_reaches_every_other_member_once_and_never_its_sender(
         assert client.stdout.lines.count(said) == (0 if client is alice else 1)
 
 
-def test_quit_says_goodbye_exits_zero_and_the_others_see_the_leave(
+def test_quit_says_goodbye_exits_zero_the_others_see_the_leave_and_rejoining_works(
     room: Room, server: Server
 ) -> None:
-    alice, bob = room.client(server.port), room.client(server.port)
-    alice.stdout.expect(bob.member_id)
+    alice, bob = room.joined_clients(server.port, 2)
     bob.type_line("!Quit")
     assert bob.wait_exit() == 0
     assert bob.stdout.wait_ended()[-1] == f"* Goodbye, {bob.member_id}"
     assert bob.stderr.wait_ended() == []
     alice.stdout.expect(f"* {bob.member_id} left (quit)")
-
-
-def test_a_client_that_left_can_join_again_and_the_others_are_unaffected(
-    room: Room, server: Server
-) -> None:
-    alice, bob = room.client(server.port), room.client(server.port)
-    alice.stdout.expect(bob.member_id)
-    bob.type_line("!Quit")
-    assert bob.wait_exit() == 0
     again = room.client(server.port)
     assert again.stdout.lines[0].endswith("Others here: 1")
     alice.stdout.expect(f"* {again.member_id} joined")
@@ -71,25 +60,20 @@ def test_a_client_that_left_can_join_again_and_the_others_are_unaffected(
 
 
 def test_end_of_input_leaves_the_same_way(room: Room, server: Server) -> None:
-    alice, bob = room.client(server.port), room.client(server.port)
-    alice.stdout.expect(bob.member_id)
+    alice, bob = room.joined_clients(server.port, 2)
     bob.close_stdin()
     assert bob.wait_exit() == 0
     alice.stdout.expect(f"* {bob.member_id} left (quit)")
 
 
 def test_a_killed_client_produces_a_leave_notice(room: Room, server: Server) -> None:
-    alice, bob = room.client(server.port), room.client(server.port)
-    alice.stdout.expect(bob.member_id)
+    alice, bob = room.joined_clients(server.port, 2)
     bob.proc.kill()
     alice.stdout.expect(f"* {bob.member_id} left (connection closed)")
 
 
 def test_a_reset_connection_produces_a_leave_notice(room: Room, server: Server) -> None:
-    alice, bob = room.member(server.port), room.member(server.port)
-    alice.join()
-    bob.join()
-    alice.expect(f"{bob.member_id} joined")
+    alice, bob = room.joined_members(server.port, 2)
     bob.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     bob.close()  # linger 0: the kernel sends a reset instead of a FIN
     assert alice.expect(f"* {bob.member_id} left") == f"* {bob.member_id} left (connection lost)"
@@ -139,27 +123,20 @@ def test_crlf_line_endings_work(room: Room, server: Server) -> None:
 
 
 def test_utf8_text_with_emoji_arrives_intact(room: Room, server: Server) -> None:
-    alice, bob = room.client(server.port), room.client(server.port)
-    alice.stdout.expect(bob.member_id)
+    alice, bob = room.joined_clients(server.port, 2)
     text = "héllo 👋 世界 👨‍👩‍👧 e\u0301"
     alice.type_line(text)
     assert bob.stdout.expect("héllo") == f"[{alice.member_id}] {text}"
 
 
 def test_blank_lines_are_not_broadcast(room: Room, server: Server) -> None:
-    alice, bob = room.member(server.port), room.member(server.port)
-    alice.join()
-    bob.join()
-    alice.expect(bob.member_id)
+    alice, bob = room.joined_members(server.port, 2)
     bob.send(b"\n  \n\r\nafter blanks\n")
     assert alice.read_line() == f"[{bob.member_id}] after blanks"
 
 
 def test_escape_sequences_never_reach_another_member(room: Room, server: Server) -> None:
-    alice, bob = room.member(server.port), room.member(server.port)
-    alice.join()
-    bob.join()
-    alice.expect(bob.member_id)
+    alice, bob = room.joined_members(server.port, 2)
     bob.send(b"\x1b[2J\x1b]0;pwned\x07 \xc2\x9b6n \xe2\x80\xae evil\n")
     line = alice.read_line()
     assert line.startswith(f"[{bob.member_id}] ")
@@ -168,10 +145,7 @@ def test_escape_sequences_never_reach_another_member(room: Room, server: Server)
 
 def test_a_line_at_the_limit_is_relayed_and_one_byte_over_is_refused(room: Room) -> None:
     server = room.server("--max-line", "100")
-    alice, bob = room.member(server.port), room.member(server.port)
-    alice.join()
-    bob.join()
-    alice.expect(bob.member_id)
+    alice, bob = room.joined_members(server.port, 2)
     at_limit = "a" * 95 + "😀"  # 99 bytes, 100 with the newline
     bob.say(at_limit)
     assert alice.read_line() == f"[{bob.member_id}] {at_limit}"
@@ -182,10 +156,7 @@ def test_a_line_at_the_limit_is_relayed_and_one_byte_over_is_refused(room: Room)
 
 
 def test_an_endless_line_is_refused_once_and_the_member_stays(room: Room, server: Server) -> None:
-    alice, bob = room.member(server.port), room.member(server.port)
-    alice.join()
-    bob.join()
-    alice.expect(bob.member_id)
+    alice, bob = room.joined_members(server.port, 2)
     bob.send(b"z" * 100_000)
     assert bob.read_line() == "ERROR :Line too long (max 4096 bytes)"
     bob.send(b"z" * 100_000 + b"\nafterwards\n")
@@ -194,10 +165,7 @@ def test_an_endless_line_is_refused_once_and_the_member_stays(room: Room, server
 
 
 def test_a_last_line_before_half_close_is_still_delivered(room: Room, server: Server) -> None:
-    alice, bob = room.member(server.port), room.member(server.port)
-    alice.join()
-    bob.join()
-    alice.expect(bob.member_id)
+    alice, bob = room.joined_members(server.port, 2)
     bob.send(b"last words\n")
     bob.sock.shutdown(socket.SHUT_WR)
     assert alice.read_line() == f"[{bob.member_id}] last words"
@@ -208,8 +176,7 @@ def test_a_last_line_before_half_close_is_still_delivered(room: Room, server: Se
 def test_a_signal_shuts_the_server_down_within_2_s_and_every_client_exits(
     room: Room, server: Server, signum: int
 ) -> None:
-    clients = [room.client(server.port) for _ in range(3)]
-    clients[0].stdout.expect(clients[2].member_id)
+    clients = room.joined_clients(server.port, 3)
     member = room.member(server.port)
     member.join()
     started = time.monotonic()
@@ -240,9 +207,7 @@ def test_200_members_joined_at_once_all_receive_one_message(room: Room, server: 
 def test_20_members_sending_100_messages_each_get_all_others_in_order(
     room: Room, server: Server
 ) -> None:
-    clients = [room.client(server.port) for _ in range(20)]
-    for client in clients[:-1]:
-        client.stdout.expect(f"* {clients[-1].member_id} joined")
+    clients = room.joined_clients(server.port, 20)
     for client in clients:
         client.type_line("\n".join(f"n={n}" for n in range(100)))
     for client in clients:

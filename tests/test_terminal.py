@@ -15,7 +15,7 @@ from typing import Callable
 
 import pytest
 
-from .conftest import ROOT, WAIT_SECONDS, Room, Server
+from .conftest import ROOT, WAIT_SECONDS, Member, Room, Server
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
 
@@ -78,24 +78,25 @@ def last_line(screen: list[str]) -> str:
     return rows[-1] if rows else ""
 
 
-def start_client(tmux: Tmux, port: int) -> None:
+def start_client_beside(room: Room, server: Server, tmux: Tmux) -> tuple[Member, str]:
+    """Joins a raw member, then starts the client in the terminal; gives the member and the
+    client's identifier, read from the join notice the member received."""
+    other = room.member(server.port)
+    other.join()
     tmux.wait_for_screen(lambda screen: last_line(screen) == "$", "the shell prompt")
-    command = [sys.executable, str(ROOT / "chatroom_client.py"), "--port", str(port)]
+    command = [sys.executable, str(ROOT / "chatroom_client.py"), "--port", str(server.port)]
     tmux.type(shlex.join(command))
     tmux.press("Enter")
     tmux.wait_for_screen(lambda screen: last_line(screen) == ">", "the client's prompt")
+    joined = re.fullmatch(r"\* (\S+) joined", other.read_line())
+    assert joined
+    return other, joined.group(1)
 
 
 def test_lines_arriving_while_typing_leave_the_half_typed_text_intact(
     room: Room, server: Server, tmux: Tmux
 ) -> None:
-    other = room.member(server.port)
-    other.join()
-    start_client(tmux, server.port)
-    joined = re.fullmatch(r"\* (\S+) joined", other.read_line())
-    assert joined
-    client_id = joined.group(1)
-
+    other, client_id = start_client_beside(room, server, tmux)
     tmux.type("half typed")
     tmux.wait_for_screen(lambda screen: last_line(screen) == "> half typed", "the typing")
     for word in ("first", "second", "third"):
@@ -119,10 +120,7 @@ def test_lines_arriving_while_typing_leave_the_half_typed_text_intact(
 def test_ctrl_c_leaves_quickly_and_the_terminal_stays_sane(
     room: Room, server: Server, tmux: Tmux
 ) -> None:
-    other = room.member(server.port)
-    other.join()
-    start_client(tmux, server.port)
-    client_id = other.read_line().split()[1]
+    other, client_id = start_client_beside(room, server, tmux)
     tmux.type("abandoned")
     started = time.monotonic()
     tmux.press("C-c")

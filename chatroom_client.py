@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import socket
 import sys
 import threading
@@ -213,6 +214,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Being told to stop, or losing the terminal, leaves the room the way Ctrl-C does.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.default_int_handler)
     sys.stdin.reconfigure(errors="replace")  # type: ignore[union-attr]
     where = protocol.format_member_id(args.host, args.port)
     try:

@@ -66,6 +66,14 @@ def test_end_of_input_leaves_the_same_way(room: Room, server: Server) -> None:
     alice.stdout.expect(f"* {bob.member_id} left (quit)")
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_client_told_to_stop_leaves_gracefully(room: Room, server: Server, signum: int) -> None:
+    alice, bob = room.joined_clients(server.port, 2)
+    bob.proc.send_signal(signum)
+    assert bob.wait_exit() == 0
+    alice.stdout.expect(f"* {bob.member_id} left (quit)")
+
+
 def test_a_killed_client_produces_a_leave_notice(room: Room, server: Server) -> None:
     alice, bob = room.joined_clients(server.port, 2)
     bob.proc.kill()

@@ -30,6 +30,9 @@ RECV_SIZE = 65536
 
 PROMPT = "> "
 
+# Ctrl-C, being told to stop, and losing the terminal all leave the room the same way.
+LEAVE_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
 
 class PlainTerminal:
     """Lines in from stdin and out to stdout, for pipes and files."""
@@ -173,10 +176,15 @@ def run_session(sock: socket.socket, terminal: PlainTerminal) -> int:
     except OSError as exc:
         return chatroom_cli.fail(PROG, f"connection lost: {chatroom_cli.describe(exc)}")
     receiver = threading.Thread(target=session.receive_forever, name="receiver")
-    receiver.start()
     # A blocked read of stdin cannot be interrupted, so this thread is a daemon nobody joins.
-    threading.Thread(target=session.read_input_forever, name="input", daemon=True).start()
+    reader = threading.Thread(target=session.read_input_forever, name="input", daemon=True)
+    # Threads inherit the signal mask: started with the leave signals blocked, they never take
+    # one, and each reaches the main thread as KeyboardInterrupt inside the try below.
+    signal.pthread_sigmask(signal.SIG_BLOCK, LEAVE_SIGNALS)
+    receiver.start()
+    reader.start()
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, LEAVE_SIGNALS)
         session.changed.wait()
         if not session.ended.is_set():
             session.ended.wait(LEAVE_TIMEOUT_SECONDS)
@@ -214,17 +222,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # Being told to stop, or losing the terminal, leaves the room the way Ctrl-C does.
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    for signum in LEAVE_SIGNALS:
         signal.signal(signum, signal.default_int_handler)
     sys.stdin.reconfigure(errors="replace")  # type: ignore[union-attr]
-    where = protocol.format_member_id(args.host, args.port)
     try:
-        sock = socket.create_connection((args.host, args.port), timeout=CONNECT_TIMEOUT_SECONDS)
-    except OSError as exc:
-        return chatroom_cli.fail(PROG, f"cannot connect to {where}: {chatroom_cli.describe(exc)}")
+        return connect_and_chat(args.host, args.port)
     except KeyboardInterrupt:
-        return 130
+        return 130  # stopped before the session began: there is nothing to leave
+
+
+def connect_and_chat(host: str, port: int) -> int:
+    try:
+        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SECONDS)
+    except OSError as exc:
+        where = protocol.format_member_id(host, port)
+        return chatroom_cli.fail(PROG, f"cannot connect to {where}: {chatroom_cli.describe(exc)}")
     sock.settimeout(None)
     if sys.stdin.isatty() and sys.stdout.isatty():
         with terminal_settings_restored():

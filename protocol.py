@@ -7,6 +7,7 @@ show on a terminal. Nothing here touches a socket, a thread or a terminal (see P
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Union
 
@@ -30,10 +31,22 @@ ERROR_PREFIX = "ERROR :"
 ERROR_NOT_JOINED = f"Join first: send {JOIN}"
 ERROR_ALREADY_JOINED = "Already joined"
 ERROR_SHUTTING_DOWN = "Server shutting down"
+ERROR_SENDQ_EXCEEDED = "SendQ exceeded"
+ERROR_PER_IP = "Too many connections from your address"
+ERROR_JOIN_TIMEOUT = "Join timeout"
+ERROR_LINE_TIMEOUT = "Timeout: incomplete line"
+ERROR_WRONG_PROTOCOL = f"Wrong protocol: this is a chat server, send {JOIN}"
+
+
+def server_full_error(max_members: int) -> str:
+    return f"Server full (max {max_members} members)"
+
 
 REASON_QUIT = "quit"
 REASON_CLOSED = "connection closed"
 REASON_LOST = "connection lost"
+REASON_TOO_SLOW = "too slow"
+REASON_TIMEOUT = "timeout"
 REASON_SERVER_ERROR = "server error"
 
 
@@ -108,6 +121,27 @@ class LineBuffer:
         return True
 
 
+_HTTP_REQUEST = re.compile(rb"[A-Z]{3,7} \S+ HTTP/\d")
+_TELNET_IAC = 0xFF  # a telnet client may open with option negotiation: not a foreign protocol
+
+
+def looks_like_another_protocol(first_bytes: bytes) -> bool:
+    """True if a connection's first bytes are a TLS handshake, an HTTP request, an SSH banner,
+    or binary (a NUL, or invalid UTF-8): a client that will never speak this protocol."""
+    if first_bytes[:2] == b"\x16\x03" or first_bytes.startswith(b"SSH-"):
+        return True
+    if _HTTP_REQUEST.match(first_bytes) or b"\x00" in first_bytes:
+        return True
+    if first_bytes[:1] == bytes([_TELNET_IAC]):
+        return False
+    try:
+        first_bytes.decode(ENCODING)
+    except UnicodeDecodeError as exc:
+        # A character cut at the end of the read is not an error: the rest is on its way.
+        return exc.reason != "unexpected end of data"
+    return False
+
+
 @dataclass(frozen=True)
 class Join:
     """The sender asks to enter the room."""
@@ -172,11 +206,17 @@ def decode_line(line: bytes) -> str:
     return sanitize(line.decode(ENCODING, "replace"))
 
 
-def format_member_id(host: str, port: int) -> str:
-    """A member's identifier: "IP:PORT", or "[IPv6]:PORT"; an IPv4-mapped IPv6 address
-    (what a dual-stack listener reports for an IPv4 peer) is shown as plain IPv4."""
+def normalize_host(host: str) -> str:
+    """An IPv4-mapped IPv6 address (what a dual-stack listener reports for an IPv4 peer) as
+    plain IPv4; any other address as it is."""
     if host.startswith("::ffff:") and "." in host:
-        host = host[len("::ffff:") :]
+        return host[len("::ffff:") :]
+    return host
+
+
+def format_member_id(host: str, port: int) -> str:
+    """A member's identifier: "IP:PORT", or "[IPv6]:PORT"."""
+    host = normalize_host(host)
     if ":" in host:
         return f"[{host}]:{port}"
     return f"{host}:{port}"

@@ -6,7 +6,7 @@ import argparse
 import os
 import socket
 import sys
-from typing import Callable, NoReturn
+from typing import Callable, NoReturn, TypeVar
 
 import protocol
 
@@ -41,12 +41,25 @@ def add_address_arguments(
 
 def int_in_range(low: int, high: int) -> Callable[[str], int]:
     """An argparse type: a whole number from low to high, with a message that says so."""
+    return _number_in_range(int, "a whole number", low, high)
 
-    def convert(text: str) -> int:
+
+def float_in_range(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a number from low to high, with a message that says so."""
+    return _number_in_range(float, "a number", low, high)
+
+
+_N = TypeVar("_N", int, float)
+
+
+def _number_in_range(
+    parse: Callable[[str], _N], noun: str, low: _N, high: _N
+) -> Callable[[str], _N]:
+    def convert(text: str) -> _N:
         try:
-            value = int(text)
+            value = parse(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"{value} is not between {low} and {high}")
         return value

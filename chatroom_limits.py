@@ -1,0 +1,65 @@
+"""What a peer may make the server hold or do, and the bookkeeping to enforce it: pure, no I/O.
+
+Every default carries its reason; README.md's limits table repeats them for users.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import protocol
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@dataclass(frozen=True)
+class Limits:
+    # Longest client line, counting its "\n" (see protocol.MAX_LINE for the reason).
+    max_line: int = protocol.MAX_LINE
+    # A member whose queue stays over the soft limit this long is too slow; over the hard limit
+    # at once. IRC servers drop at 100 kB-1 MiB of send queue, Redis pub/sub at 8 MiB for 60 s
+    # or 32 MiB: a chat line is small, so 256 KiB is thousands of unread lines.
+    sendq_soft: int = 256 * KiB
+    sendq_soft_seconds: float = 10.0
+    sendq_hard: int = 1 * MiB
+    # All queues together (Redis' maxmemory-clients): past it the largest queue is dropped, and
+    # input waits for the next turn, so a broadcast storm cannot run the server out of memory.
+    sendq_total: int = 64 * MiB
+    # A queue that the kernel accepts no byte of for this long belongs to a dead or stuck peer
+    # (nginx send_timeout 60 s, NATS write deadline 10 s).
+    write_timeout: float = 30.0
+    # Token bucket per connection: a 20-line paste passes at once, then 2 lines a second
+    # (Ergo and Solanum: burst 5, 2/s; RFC 1459: burst 5, 1 per 2 s). 0 turns it off.
+    flood_rate: float = 2.0
+    flood_burst: int = 20
+    # Redis' maxclients default; the server lowers it to what its file descriptors allow.
+    max_members: int = 1024
+    # Ergo's default per-address cap; loopback is exempt so one machine can host a class.
+    max_per_ip: int = 16
+    exempt_loopback: bool = True
+    # A connection must send !Join within this long (Ergo 60 s, InspIRCd 90 s, ngircd 20 s).
+    join_timeout: float = 60.0
+    # A line must end within this long of its first byte: slow-loris (Solanum 30 s, Node 40 s).
+    line_timeout: float = 30.0
+
+
+class TokenBucket:
+    """rate tokens a second, at most burst banked; each line takes one."""
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self._rate = rate
+        self._burst = burst
+        # A newcomer may send its !Join and then paste a whole burst at once.
+        self._tokens = burst + 1.0
+        self._updated = now  # when _tokens was last topped up
+
+    def seconds_until_token(self, now: float) -> float:
+        """0 if a line may go now, else how long until one may."""
+        if self._tokens < self._burst:  # never clamp a newcomer's extra token away
+            self._tokens = min(self._burst, self._tokens + (now - self._updated) * self._rate)
+        self._updated = now
+        return 0.0 if self._tokens >= 1 else (1 - self._tokens) / self._rate
+
+    def take(self) -> None:
+        self._tokens -= 1

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
+import resource
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Callable, TypeVar
@@ -18,6 +21,36 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # How long any single wait may take before the test fails; generous for a loaded CI machine.
 WAIT_SECONDS = 10.0
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = WAIT_SECONDS) -> None:
+    """Bounded retry (CPython's sleeping_retry), only for a state with no event to wait on,
+    such as a process' descriptor count."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+
+
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """A process' resident memory now (VmRSS) or at its peak (VmHWM), from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} for process {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def unsafe_characters(text: str) -> list[str]:
+    """What must never reach a terminal: C0 and C1 controls, DEL, and bidi controls."""
+    bidi = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+    return [c for c in text if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or c in bidi + "\u2028\u2029"]
 
 
 class LineCollector:
@@ -80,9 +113,20 @@ class LineCollector:
 class Program:
     """One of our programs running as a real process, its stdout and stderr collected."""
 
-    def __init__(self, script: str, *args: str, stdin: int | None = subprocess.PIPE) -> None:
+    def __init__(
+        self,
+        script: str,
+        *args: str,
+        stdin: int | None = subprocess.PIPE,
+        open_files: int | None = None,
+    ) -> None:
+        def limit_open_files() -> None:
+            if open_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
         self.proc = subprocess.Popen(
             [sys.executable, "-u", str(ROOT / script), *args],
+            preexec_fn=limit_open_files,
             stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -116,8 +160,15 @@ class Program:
 
 
 class Server(Program):
-    def __init__(self, *args: str) -> None:
-        super().__init__("chatroom_server.py", "--port", "0", *args, stdin=subprocess.DEVNULL)
+    def __init__(self, *args: str, open_files: int | None = None) -> None:
+        super().__init__(
+            "chatroom_server.py",
+            "--port",
+            "0",
+            *args,
+            stdin=subprocess.DEVNULL,
+            open_files=open_files,
+        )
         listening = self.stdout.expect("listening on")
         found = re.search(r":(\d+)$", listening)
         assert found, listening
@@ -136,18 +187,23 @@ class Client(Program):
 class Member:
     """A member speaking the wire protocol over a raw socket, as nc would."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", receive_buffer: int = 0) -> None:
+    def __init__(
+        self, port: int, host: str = "127.0.0.1", receive_buffer: int = 0, source: str = ""
+    ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         if receive_buffer:  # before connect(), so the TCP window is small from the start
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        if source:
+            self.sock.bind((source, 0))
         self.sock.settimeout(WAIT_SECONDS)
         self.sock.connect((host, port))
         address, member_port = self.sock.getsockname()[:2]
         shown = f"[{address}]" if ":" in address else address
         self.member_id = f"{shown}:{member_port}"
         self.lines: list[str] = []  # every line received, in order
-        self._buffer = b""
+        self._unread: deque[str] = deque()  # whole lines received, not yet read
+        self._partial = b""  # bytes after the last newline received
 
     def send(self, data: bytes | str) -> None:
         self.sock.sendall(data.encode() if isinstance(data, str) else data)
@@ -160,22 +216,23 @@ class Member:
         return self.expect("Welcome")
 
     def read_line(self, timeout: float = WAIT_SECONDS) -> str:
-        """The next whole line; EOFError at a clean end of stream."""
+        """The next whole line; EOFError at a clean end of stream. A line that is not UTF-8
+        fails the test: the server must never send one."""
         deadline = time.monotonic() + timeout
-        while b"\n" not in self._buffer:
+        while not self._unread:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(f"no line in {timeout} s; lines so far: {self.lines}")
+                raise AssertionError(f"no line in {timeout} s; last lines: {self.lines[-5:]}")
             self.sock.settimeout(remaining)
             try:
-                data = self.sock.recv(65536)
+                data = self.sock.recv(1 << 20)
             except socket.timeout:
                 continue
             if not data:
-                raise EOFError(f"end of stream; partial line {self._buffer!r}")
-            self._buffer += data
-        raw, self._buffer = self._buffer.split(b"\n", 1)
-        line = raw.decode("utf-8")
+                raise EOFError(f"end of stream; partial line {self._partial!r}")
+            *whole, self._partial = (self._partial + data).split(b"\n")
+            self._unread.extend(line.decode("utf-8") for line in whole)
+        line = self._unread.popleft()
         self.lines.append(line)
         return line
 
@@ -211,8 +268,8 @@ class Room:
         self._programs: list[Program] = []
         self._members: list[Member] = []
 
-    def server(self, *args: str) -> Server:
-        return self._track(Server(*args))
+    def server(self, *args: str, open_files: int | None = None) -> Server:
+        return self._track(Server(*args, open_files=open_files))
 
     def client(self, port: int, *args: str) -> Client:
         return self._track(Client(port, *args))
@@ -220,8 +277,10 @@ class Room:
     def program(self, script: str, *args: str) -> Program:
         return self._track(Program(script, *args))
 
-    def member(self, port: int, host: str = "127.0.0.1", receive_buffer: int = 0) -> Member:
-        member = Member(port, host, receive_buffer)
+    def member(
+        self, port: int, host: str = "127.0.0.1", receive_buffer: int = 0, source: str = ""
+    ) -> Member:
+        member = Member(port, host, receive_buffer, source)
         self._members.append(member)
         return member
 
@@ -269,3 +328,9 @@ def room() -> Iterator[Room]:
 @pytest.fixture
 def server(room: Room) -> Server:
     return room.server()
+
+
+@pytest.fixture
+def server_no_flood(room: Room) -> int:
+    """The port of a server with flood control off, for tests that send many lines at once."""
+    return room.server("--flood-rate", "0").port

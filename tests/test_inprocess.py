@@ -1,0 +1,325 @@
+"""The server run turn by turn in the test's own thread, members on socketpairs: limits crossed
+to the byte, and a hypothesis state machine of the room.
+
+A stalled member is a socketpair whose server end was filled until the kernel refused more
+(trio's fill_socket): from then on every byte for it stays in the server's queue, so its queue
+length is known exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import protocol
+from chatroom_limits import Limits
+from chatroom_server import ChatServer, open_listener
+
+from .conftest import unsafe_characters
+
+
+def fill(sock: socket.socket) -> None:
+    """Writes until the kernel takes no more: the socket's peer has stopped reading."""
+    sock.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            sock.send(b"\0" * 65536)
+
+
+@dataclass
+class Peer:
+    """The test's end of one member's socketpair."""
+
+    sock: socket.socket
+    server_end: socket.socket  # kept so the test can fill it: the member stops reading
+    member_id: str
+    partial: bytes = b""
+
+    def say(self, text: str) -> None:
+        self.sock.sendall(text.encode() + b"\n")
+
+    def lines(self) -> list[str]:
+        """Every whole line that has arrived since the last call."""
+        with contextlib.suppress(BlockingIOError):
+            while data := self.sock.recv(1 << 20):
+                self.partial += data
+        *whole, self.partial = self.partial.split(b"\n")
+        return [line.decode("utf-8") for line in whole]
+
+
+class InProcessRoom:
+    def __init__(self, **limits: float) -> None:
+        self.listener = open_listener("127.0.0.1", 0)
+        self.server = ChatServer(self.listener, Limits(**limits))  # type: ignore[arg-type]
+        self.peers: list[Peer] = []
+
+    def connect(self, stalled: bool = False) -> Peer:
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        if stalled:
+            fill(theirs)
+        n = len(self.peers) + 1
+        peer = Peer(ours, theirs, f"10.0.0.{n}:{40000 + n}")
+        self.server.add_connection(theirs, peer.member_id, f"10.0.0.{n}")
+        self.peers.append(peer)
+        return peer
+
+    def join(self, stalled: bool = False) -> Peer:
+        peer = self.connect(stalled)
+        peer.say("!Join")
+        self.settle()
+        return peer
+
+    def settle(self) -> None:
+        """Runs turns until the server has nothing to do right now."""
+        for _ in range(10_000):
+            if not self.server.run_once(give_up_at=time.monotonic()):
+                return
+        raise AssertionError("the server never settled")
+
+    def run_for(self, seconds: float) -> None:
+        """Lets the server's clock-driven deadlines run for a while."""
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            self.server.run_once(give_up_at=until)
+
+    def close(self) -> None:
+        for peer in self.peers:
+            peer.sock.close()
+            peer.server_end.close()
+        self.listener.close()
+
+
+@pytest.fixture
+def make_room() -> Iterator[type[InProcessRoom]]:
+    rooms: list[InProcessRoom] = []
+
+    class TrackedRoom(InProcessRoom):
+        def __init__(self, **limits: float) -> None:
+            super().__init__(**limits)
+            rooms.append(self)
+
+    yield TrackedRoom
+    for room in rooms:
+        room.close()
+
+
+def chat_line_length(sender: Peer, text: str) -> int:
+    return len(protocol.chat_line(sender.member_id, text))
+
+
+@pytest.mark.parametrize("over", [0, 1], ids=["at the limit", "one byte over"])
+def test_the_hard_limit_drops_one_byte_over_and_not_at(
+    make_room: type[InProcessRoom], over: int
+) -> None:
+    room = make_room(sendq_hard=2000, flood_rate=0)
+    talker = room.join()
+    stalled = room.join(stalled=True)
+    queued = len(protocol.welcome_line(stalled.member_id, 1))  # never sent: the kernel is full
+    filler = "x" * (2000 - queued - chat_line_length(talker, "") + over)
+    talker.say(filler)
+    room.settle()
+    left = f"* {stalled.member_id} left (too slow)"
+    assert (left in talker.lines()) == bool(over)
+
+
+@pytest.mark.parametrize("over", [0, 1], ids=["at the limit", "one byte over"])
+def test_the_soft_limit_drops_one_byte_over_after_its_seconds_and_not_at(
+    make_room: type[InProcessRoom], over: int
+) -> None:
+    room = make_room(sendq_soft=2000, sendq_soft_seconds=0.3, flood_rate=0)
+    talker = room.join()
+    stalled = room.join(stalled=True)
+    queued = len(protocol.welcome_line(stalled.member_id, 1))
+    talker.say("x" * (2000 - queued - chat_line_length(talker, "") + over))
+    room.settle()
+    crossed = time.monotonic()
+    left = f"* {stalled.member_id} left (too slow)"
+    room.run_for(0.2)
+    assert left not in talker.lines()
+    room.run_for(0.3)
+    notices = talker.lines()
+    assert (left in notices) == bool(over)
+    assert time.monotonic() - crossed >= 0.3
+
+
+def test_dipping_under_the_soft_limit_restarts_its_clock(make_room: type[InProcessRoom]) -> None:
+    room = make_room(sendq_soft=2000, sendq_soft_seconds=0.3, flood_rate=0)
+    talker = room.join()
+    stalled = room.join(stalled=True)
+    talker.say("x" * 2000)  # over the soft limit
+    room.settle()
+    room.run_for(0.2)
+    stalled.lines()  # it reads everything: the queue drains, under the limit again
+    room.settle()
+    fill(stalled.server_end)  # and stops again
+    talker.say("y" * 2000)
+    room.settle()
+    room.run_for(0.2)  # 0.4 s after the first crossing, 0.2 s after the second
+    assert not [line for line in talker.lines() if "left" in line]
+    room.run_for(0.2)
+    assert f"* {stalled.member_id} left (too slow)" in talker.lines()
+
+
+@pytest.mark.parametrize("over", [0, 1], ids=["at the limit", "one byte over"])
+def test_past_the_total_the_largest_queue_is_dropped_first(
+    make_room: type[InProcessRoom], over: int
+) -> None:
+    talker_id, first_id, second_id = (f"10.0.0.{n}:{40000 + n}" for n in (1, 2, 3))
+    text = "z" * 500
+    total = (
+        len(protocol.welcome_line(first_id, 1))
+        + len(protocol.joined_line(second_id))  # the first one's queue is the larger
+        + len(protocol.welcome_line(second_id, 2))
+        + 2 * len(protocol.chat_line(talker_id, text))
+    )
+    room = make_room(sendq_total=total - over, flood_rate=0)
+    talker = room.join()
+    first = room.join(stalled=True)
+    second = room.join(stalled=True)
+    assert (talker.member_id, first.member_id, second.member_id) == (
+        talker_id,
+        first_id,
+        second_id,
+    )
+    talker.say(text)
+    room.settle()
+    notices = [notice for notice in talker.lines() if "left" in notice]
+    assert notices == ([f"* {first_id} left (too slow)"] if over else [])
+
+
+def test_lines_over_the_flood_burst_wait_for_their_tokens(make_room: type[InProcessRoom]) -> None:
+    room = make_room(flood_rate=10, flood_burst=5)
+    listener = room.join()
+    talker = room.join()  # its !Join was free: the whole burst is left
+    listener.lines()
+    for n in range(7):
+        talker.say(f"line {n}")
+    room.settle()
+    assert len(listener.lines()) == 5  # exactly the burst
+    room.run_for(0.1 + 0.02)  # one token's time
+    assert listener.lines() == [f"[{talker.member_id}] line 5"]
+
+
+def test_a_paused_flooder_is_not_read_so_its_buffer_stays_bounded(
+    make_room: type[InProcessRoom],
+) -> None:
+    room = make_room(flood_rate=1, flood_burst=1)
+    room.join()
+    talker = room.join()
+    talker.sock.setblocking(True)
+    talker.sock.settimeout(0.5)
+    sent = 0
+    with contextlib.suppress(TimeoutError, socket.timeout):
+        while sent < 50_000_000:
+            sent += talker.sock.send(b"flood\n" * 10_000)
+            room.settle()
+    assert sent < 5_000_000  # the kernel pushed back: the server stopped reading it
+
+
+# The room as a state machine: members join, talk, stop reading and vanish; whatever happens,
+# every member that keeps reading gets every message from the others exactly once, in each
+# sender's order, never its own, and never a control character.
+
+text_without_newline = st.text(max_size=40).map(lambda text: text.replace("\n", " "))
+
+
+@dataclass
+class Member:
+    peer: Peer
+    reading: bool = True
+    expected: dict[str, list[int]] = field(default_factory=dict)  # sender → seq numbers due
+    received: dict[str, list[int]] = field(default_factory=dict)  # sender → seq numbers seen
+    left: list[str] = field(default_factory=list)  # ids in the leave notices it got
+
+
+CHAT = re.compile(r"\[(\S+)\] (\d+) ")
+LEFT = re.compile(r"\* (\S+) left \(")
+
+
+class RoomMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.room = InProcessRoom(flood_rate=0, sendq_hard=4096)
+        self.members: list[Member] = []  # present, in the order they joined
+        self.seq = 0
+
+    def teardown(self) -> None:
+        self.room.close()
+
+    def readers(self) -> list[Member]:
+        return [member for member in self.members if member.reading]
+
+    @precondition(lambda self: len(self.members) < 8)
+    @rule()
+    def join(self) -> None:
+        peer = self.room.join()
+        welcome = peer.lines()[0]
+        assert welcome == f"* Welcome, {peer.member_id}. Others here: {len(self.members)}"
+        self.members.append(Member(peer))
+
+    @precondition(lambda self: self.readers())
+    @rule(data=st.data(), text=text_without_newline)
+    def say(self, data: st.DataObject, text: str) -> None:
+        sender = data.draw(st.sampled_from(self.readers()))
+        self.seq += 1
+        sender.peer.say(f"{self.seq} {text}")
+        for member in self.members:
+            if member is not sender:
+                member.expected.setdefault(sender.peer.member_id, []).append(self.seq)
+        self.room.settle()
+
+    @precondition(lambda self: self.readers())
+    @rule(data=st.data())
+    def stop_reading(self, data: st.DataObject) -> None:
+        member = data.draw(st.sampled_from(self.readers()))
+        self.collect(member)
+        member.reading = False
+        fill(member.peer.server_end)
+
+    @precondition(lambda self: self.members)
+    @rule(data=st.data())
+    def vanish(self, data: st.DataObject) -> None:
+        member = data.draw(st.sampled_from(self.members))
+        member.peer.sock.close()
+        self.members.remove(member)
+        self.room.settle()
+
+    def collect(self, member: Member) -> None:
+        for line in member.peer.lines():
+            assert not unsafe_characters(line), line
+            if chat := CHAT.match(line):
+                assert chat.group(1) != member.peer.member_id, "its own line came back"
+                member.received.setdefault(chat.group(1), []).append(int(chat.group(2)))
+            elif left := LEFT.match(line):
+                member.left.append(left.group(1))
+
+    @invariant()
+    def every_reader_has_every_message_once_in_order(self) -> None:
+        self.room.settle()
+        for member in self.readers():
+            self.collect(member)
+            assert member.received == member.expected
+            assert len(member.left) == len(set(member.left)), "a leave notice came twice"
+
+    @invariant()
+    def a_member_that_stopped_reading_is_dropped_once_its_queue_is_full(self) -> None:
+        for member in list(self.members):
+            if not member.reading and member.peer.member_id in self.readers_heard_leave():
+                self.members.remove(member)
+
+    def readers_heard_leave(self) -> set[str]:
+        return {left for reader in self.readers() for left in reader.left}
+
+
+RoomMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+test_room_state_machine = RoomMachine.TestCase

@@ -196,6 +196,8 @@ class Member:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         if source:
             self.sock.bind((source, 0))
+        # Nagle would hold a small line back for an ACK: latencies would measure the test.
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.settimeout(WAIT_SECONDS)
         self.sock.connect((host, port))
         address, member_port = self.sock.getsockname()[:2]

@@ -10,15 +10,18 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import resource
 import selectors
+import shutil
 import signal
 import socket
 import ssl
 import struct
+import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -137,7 +140,6 @@ def test_any_chunking_of_what_a_member_sends_gives_the_same_broadcasts(
     ]
     stream = b"".join(text.encode() + b"\n" for text in texts)
     expected = [f"[{bob.member_id}] " + text.replace("\r", "\ufffd") for text in texts]
-    bob.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for cut in (len(stream), 1, 7, 4096):
         for start in range(0, len(stream), cut):
             bob.send(stream[start : start + cut])
@@ -205,7 +207,7 @@ def test_spam_before_join_gets_only_rate_limited_errors_and_ends_at_the_join_dea
 
 
 def test_a_member_that_never_reads_is_dropped_others_get_everything_memory_stays_bounded(
-    room: Room,
+    room: Room, record_property: Callable[[str, object], None]
 ) -> None:
     server = room.server(*NO_FLOOD_CONTROL)
     ann, ben, reader = room.joined_members(server.port, 3)
@@ -227,7 +229,9 @@ def test_a_member_that_never_reads_is_dropped_others_get_everything_memory_stays
         from_sender = [line for line in received if line.startswith(f"[{sender.member_id}] ")]
         assert from_sender == [f"[{sender.member_id}] {line}" for line in lines]
     assert notices == [f"* {stalled.member_id} left (too slow)"]
-    assert rss_bytes(server.proc.pid, "VmHWM") - baseline < 32 * MiB
+    growth = rss_bytes(server.proc.pid, "VmHWM") - baseline
+    record_property("server_rss_growth_mib", round(growth / MiB, 1))
+    assert growth < 32 * MiB
     rest = stalled.read_until_eof(timeout=5)
     assert rest[-1] == "ERROR :SendQ exceeded" or rest[-1].startswith("[")
     assert len(rest) < 60_000  # it was cut off, not served to the end
@@ -356,7 +360,7 @@ def test_loopback_is_exempt_from_the_per_address_cap_by_default(room: Room) -> N
 
 
 def test_with_64_descriptors_200_connections_are_held_off_cheaply_and_members_keep_chatting(
-    room: Room,
+    room: Room, record_property: Callable[[str, object], None]
 ) -> None:
     server = room.server(*NO_FLOOD_CONTROL, open_files=64)  # leaves 64 - 32 = 32 connections
     server.stderr.expect("at most 32 members")
@@ -373,6 +377,8 @@ def test_with_64_descriptors_200_connections_are_held_off_cheaply_and_members_ke
     cpu_before, window_start = cpu_seconds(server.proc.pid), time.monotonic()
     latencies = chat_for(2.0, bob, alice)
     cpu_share = (cpu_seconds(server.proc.pid) - cpu_before) / (time.monotonic() - window_start)
+    record_property("server_cpu_percent", round(cpu_share * 100, 1))
+    record_property("member_p99_ms", round(p99(latencies) * 1000, 2))
     assert cpu_share < 0.10
     assert p99(latencies) < 0.05
     for member in storm[:30]:  # the admitted ones leave
@@ -393,7 +399,7 @@ def select_readable(socks: list[socket.socket], timeout: float) -> list[socket.s
 
 
 def test_out_of_descriptors_the_server_pauses_accepting_and_admits_again_when_one_frees(
-    room: Room,
+    room: Room, record_property: Callable[[str, object], None]
 ) -> None:
     server = room.server(*NO_FLOOD_CONTROL)
     alice, bob = room.joined_members(server.port, 2)
@@ -406,6 +412,8 @@ def test_out_of_descriptors_the_server_pauses_accepting_and_admits_again_when_on
     cpu_before, window_start = cpu_seconds(server.proc.pid), time.monotonic()
     latencies = chat_for(2.0, bob, alice)
     cpu_share = (cpu_seconds(server.proc.pid) - cpu_before) / (time.monotonic() - window_start)
+    record_property("server_cpu_percent", round(cpu_share * 100, 1))
+    record_property("member_p99_ms", round(p99(latencies) * 1000, 2))
     assert cpu_share < 0.10
     assert p99(latencies) < 0.05
     alice.say("!Quit")
@@ -420,7 +428,7 @@ def test_out_of_descriptors_the_server_pauses_accepting_and_admits_again_when_on
 
 
 def test_500_slow_loris_connections_are_closed_at_the_line_deadline_while_members_chat(
-    room: Room,
+    room: Room, record_property: Callable[[str, object], None]
 ) -> None:
     server = room.server(*NO_FLOOD_CONTROL, "--line-timeout", "2")
     alice, bob = room.joined_members(server.port, 2)
@@ -446,6 +454,9 @@ def test_500_slow_loris_connections_are_closed_at_the_line_deadline_while_member
         sock.close()
     assert len(closed_after) == 500
     assert set(replies.values()) == {b"ERROR :Timeout: incomplete line\n"}
+    record_property("closed_after_s_min", round(min(closed_after.values()), 3))
+    record_property("closed_after_s_max", round(max(closed_after.values()), 3))
+    record_property("member_p99_ms", round(p99(latencies) * 1000, 2))
     assert min(closed_after.values()) >= 2 - 0.05
     assert max(closed_after.values()) <= 2 + 2
     assert p99(latencies) < 0.05
@@ -545,3 +556,40 @@ def test_shutdown_within_2_s_even_with_a_member_that_does_not_read(room: Room) -
     assert server.wait_exit(timeout=3) == 0
     assert time.monotonic() - started < 2
     assert sender.read_until_eof() == ["ERROR :Server shutting down"]
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+def test_every_member_connection_has_tcp_keepalive(room: Room, server_no_flood: int) -> None:
+    room.joined_members(server_no_flood, 2)
+    sockets = subprocess.run(
+        ["ss", "-tnoH", "state", "established", f"( sport = :{server_no_flood} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert len(sockets) == 2
+    for line in sockets:
+        timer = re.search(r"timer:\(keepalive,(\d+)min", line)
+        assert timer, line
+        assert int(timer.group(1)) < 5  # the first probe within 300 s of silence
+
+
+# The client
+
+
+def test_the_client_prints_nothing_unsafe_whatever_the_server_sends(room: Room) -> None:
+    hostile = [payload.encode() for payload in ESCAPE_SEQUENCES + BIDI_CONTROLS] + INVALID_UTF8
+    with socket.create_server(("127.0.0.1", 0)) as fake_server:
+        fake_server.settimeout(10)
+        client = room.program("chatroom_client.py", "--port", str(fake_server.getsockname()[1]))
+        conn, _ = fake_server.accept()
+        with conn:
+            conn.settimeout(10)
+            assert conn.recv(100) == b"!Join\n"
+            conn.sendall(b"".join(b"[6.6.6.6:6] " + line + b"\n" for line in hostile))
+            shown = client.stdout.wait_until(lambda lines: len(lines) >= len(hostile), "lines")
+    assert client.wait_exit() == 1
+    assert len(shown) == len(hostile)
+    for line in shown:
+        assert line.startswith("[6.6.6.6:6] ")
+        assert not unsafe_characters(line), repr(line)

@@ -321,5 +321,5 @@ class RoomMachine(RuleBasedStateMachine):
         return {left for reader in self.readers() for left in reader.left}
 
 
-RoomMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+RoomMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
 test_room_state_machine = RoomMachine.TestCase

@@ -224,3 +224,56 @@ def test_a_chat_line_shows_the_real_sender_before_any_forged_tag() -> None:
     assert protocol.chat_line("127.0.0.1:5012", text) == (
         "[127.0.0.1:5012] hi\ufffd[9.9.9.9:9] fake\n".encode()
     )
+
+
+@pytest.mark.parametrize(
+    "opening",
+    [
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS ClientHello record
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /api HTTP/1.0\r\n",
+        b"SSH-2.0-OpenSSH_9.6\r\n",
+        b"!Join\x00\n",
+        b"hello \xc0\x80 world\n",  # an overlong encoding: not UTF-8
+    ],
+)
+def test_another_protocol_is_recognised_by_its_first_bytes(opening: bytes) -> None:
+    assert protocol.looks_like_another_protocol(opening)
+
+
+@pytest.mark.parametrize(
+    "opening",
+    [
+        b"!Join\r\n",
+        b"!Join\nhello there\n",
+        "!Join\nhé".encode()[:-1],  # a character cut by the read, not invalid
+        b"\xff\xfd\x18\xff\xfb\x1f!Join\r\n",  # telnet option negotiation first
+        b"GET me a coffee\n",  # a chat line that only starts like HTTP
+        b"hello",
+    ],
+)
+def test_a_chat_client_is_not_taken_for_another_protocol(opening: bytes) -> None:
+    assert not protocol.looks_like_another_protocol(opening)
+
+
+@given(
+    data=st.binary(max_size=3000),
+    max_line=st.integers(min_value=2, max_value=200),
+    cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=40),
+)
+def test_fuzzing_the_framing_and_sanitising_raises_nothing_but_the_declared_error(
+    data: bytes, max_line: int, cuts: list[int]
+) -> None:
+    points = sorted({min(cut, len(data)) for cut in cuts})
+    chunks = [data[a:b] for a, b in zip([0, *points], [*points, len(data)])]
+    buffer = LineBuffer(max_line=max_line)
+    for outcome in feed_all(buffer, chunks):
+        if outcome is LineTooLong:
+            continue
+        assert isinstance(outcome, bytes)
+        assert b"\n" not in outcome and len(outcome) < max_line
+        command = protocol.parse_client_line(outcome)
+        if isinstance(command, protocol.Say):
+            assert not [c for c in command.text if is_unsafe(c)]
+            assert protocol.sanitize(command.text) == command.text
+    assert len(buffer._data) < max_line + max((len(chunk) for chunk in chunks), default=0)

@@ -167,8 +167,17 @@ class Blank:
 Command = Union[Join, Quit, Say, Blank]
 
 
+# A telnet command: IAC (0xFF), then an option negotiation (WILL, WONT, DO, DONT and the
+# option), a subnegotiation up to IAC SE, or a one-byte command. 0xFF never occurs in UTF-8,
+# so removing these cannot touch text.
+_TELNET_COMMAND = re.compile(rb"\xff(?:[\xfb-\xfe].|\xfa.*?\xff\xf0|[\xf0-\xf9\xff])", re.DOTALL)
+
+
 def parse_client_line(line: bytes) -> Command:
-    """Turns one line from a client (without its terminator) into a command."""
+    """Turns one line from a client (without its terminator) into a command; telnet's
+    negotiation bytes, if a telnet client sent any, are dropped first."""
+    if b"\xff" in line:
+        line = _TELNET_COMMAND.sub(b"", line)
     text = decode_line(line)
     word = text.strip()
     if word.lower() == JOIN.lower():

@@ -110,13 +110,17 @@ class LineCollector:
             return list(self.lines)
 
 
+def python_script(script: str, *args: str) -> list[str]:
+    """The command that runs one of the project's scripts with this interpreter."""
+    return [sys.executable, "-u", str(ROOT / script), *args]
+
+
 class Program:
-    """One of our programs running as a real process, its stdout and stderr collected."""
+    """A real process (one of ours, or nc, socat, java), its stdout and stderr collected."""
 
     def __init__(
         self,
-        script: str,
-        *args: str,
+        command: list[str],
         stdin: int | None = subprocess.PIPE,
         open_files: int | None = None,
     ) -> None:
@@ -125,7 +129,7 @@ class Program:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
 
         self.proc = subprocess.Popen(
-            [sys.executable, "-u", str(ROOT / script), *args],
+            command,
             preexec_fn=limit_open_files,
             stdin=stdin,
             stdout=subprocess.PIPE,
@@ -162,10 +166,7 @@ class Program:
 class Server(Program):
     def __init__(self, *args: str, open_files: int | None = None) -> None:
         super().__init__(
-            "chatroom_server.py",
-            "--port",
-            "0",
-            *args,
+            python_script("chatroom_server.py", "--port", "0", *args),
             stdin=subprocess.DEVNULL,
             open_files=open_files,
         )
@@ -176,8 +177,12 @@ class Server(Program):
 
 
 class Client(Program):
-    def __init__(self, port: int, *args: str) -> None:
-        super().__init__("chatroom_client.py", "--port", str(port), *args)
+    """A client that has joined: it printed its welcome, which names it."""
+
+    def __init__(self, command: list[str], send_join: bool = False) -> None:
+        super().__init__(command)
+        if send_join:  # nc, socat: the user types !Join
+            self.type_line("!Join")
         welcome = self.stdout.expect("Welcome")
         found = re.search(r"Welcome, (\S+)\.", welcome)
         assert found, welcome
@@ -274,10 +279,17 @@ class Room:
         return self._track(Server(*args, open_files=open_files))
 
     def client(self, port: int, *args: str) -> Client:
-        return self._track(Client(port, *args))
+        return self._track(Client(python_script("chatroom_client.py", "--port", str(port), *args)))
+
+    def client_from(self, command: list[str], send_join: bool = False) -> Client:
+        """Any client program that prints what it receives: Java, nc, socat."""
+        return self._track(Client(command, send_join))
 
     def program(self, script: str, *args: str) -> Program:
-        return self._track(Program(script, *args))
+        return self.run(python_script(script, *args))
+
+    def run(self, command: list[str]) -> Program:
+        return self._track(Program(command))
 
     def member(
         self, port: int, host: str = "127.0.0.1", receive_buffer: int = 0, source: str = ""

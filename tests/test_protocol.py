@@ -135,6 +135,8 @@ def test_any_chunking_reports_the_same_over_long_lines(
         (b"caf\xc3\xa9 \xf0\x9f\x98\x80", protocol.Say("café 😀")),
         (b"bad \xff byte", protocol.Say("bad \ufffd byte")),
         (b"\x1b[2Jclear", protocol.Say("\ufffd[2Jclear")),
+        (b"\xff\xfd\x18\xff\xfb\x1f!Join", protocol.Join()),  # telnet negotiation first
+        (b"\xff\xfa\x18\x00xterm\xff\xf0hi \xff\xf1there", protocol.Say("hi there")),
     ],
 )
 def test_client_lines_parse_into_commands(line: bytes, command: protocol.Command) -> None:

@@ -1,0 +1,308 @@
+import java.io.BufferedReader;
+import java.io.ByteArrayOutputStream;
+import java.io.IOException;
+import java.io.InputStream;
+import java.io.InputStreamReader;
+import java.io.OutputStream;
+import java.io.PrintStream;
+import java.net.InetSocketAddress;
+import java.net.Socket;
+import java.net.SocketTimeoutException;
+import java.net.UnknownHostException;
+import java.nio.ByteBuffer;
+import java.nio.charset.CharsetDecoder;
+import java.nio.charset.CharacterCodingException;
+import java.nio.charset.CodingErrorAction;
+import java.nio.charset.StandardCharsets;
+import java.util.concurrent.CountDownLatch;
+import java.util.concurrent.TimeUnit;
+
+/**
+ * The chat room client in Java: the same flags, lines, exit statuses and threads as
+ * chatroom_client.py. Java 11 or newer, standard library only; run it as
+ * {@code java java/ChatRoomClient.java --host HOST --port PORT}.
+ *
+ * <p>The receiver thread is the only reader of the socket and the only writer to stdout; the
+ * input thread is the only reader of stdin. The main thread waits for either to end the
+ * session and prints the one closing line on stderr. Ctrl-C, SIGTERM and SIGHUP leave the room
+ * the way !Quit does (a shutdown hook).
+ */
+public final class ChatRoomClient {
+    static final String PROG = "chatroom-client";
+    static final String VERSION = "0.1.0";
+    static final String JOIN = "!Join";
+    static final String QUIT = "!Quit";
+    static final String DEFAULT_HOST = "127.0.0.1";
+    static final int DEFAULT_PORT = 5050;
+    // How long a leaving client waits for the server's goodbye and close: exit within 2 s.
+    static final long LEAVE_TIMEOUT_MS = 1500;
+    // An unreachable host should fail in seconds, not after the OS's minutes of retries.
+    static final int CONNECT_TIMEOUT_MS = 5000;
+    // Longest line accepted from a server: bounds what a hostile server can make us hold.
+    static final int MAX_SERVER_LINE = 65536;
+    // The twelve bidirectional controls (Trojan Source): never printed raw.
+    static final String BIDI_CONTROLS =
+            "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069";
+
+    private final Socket socket;
+    private final OutputStream out;
+    private final PrintStream stdout =
+            new PrintStream(System.out, true, StandardCharsets.UTF_8);
+    private final CountDownLatch changed = new CountDownLatch(1); // leaving or ended
+    private final CountDownLatch ended = new CountDownLatch(1); // the stream ended
+    private volatile boolean leaving; // the user asked to leave and !Quit went out
+    private volatile String failure; // why the session ended, if the user did not end it
+
+    private ChatRoomClient(Socket socket) throws IOException {
+        this.socket = socket;
+        this.out = socket.getOutputStream();
+    }
+
+    public static void main(String[] args) {
+        String host = DEFAULT_HOST;
+        int port = DEFAULT_PORT;
+        for (int i = 0; i < args.length; i++) {
+            String arg = args[i];
+            if (arg.equals("--help") || arg.equals("-h")) {
+                System.out.println("usage: " + PROG + " [-h] [--version] [--host HOST] [--port PORT]");
+                System.out.println();
+                System.out.println("Join a chat room. Type to talk; !Quit to leave.");
+                System.out.println();
+                System.out.println("  --host HOST  server address (default: " + DEFAULT_HOST + ")");
+                System.out.println("  --port PORT  server port (default: " + DEFAULT_PORT + ")");
+                System.out.println("  --version    show the version and exit");
+                return;
+            } else if (arg.equals("--version")) {
+                System.out.println(PROG + " " + VERSION + " (Java)");
+                return;
+            } else if ((arg.equals("--host") || arg.equals("--port")) && i + 1 == args.length) {
+                usageError("argument " + arg + ": expected one argument");
+            } else if (arg.equals("--host")) {
+                host = args[++i];
+            } else if (arg.equals("--port")) {
+                port = parsePort(args[++i]);
+            } else {
+                usageError("unrecognized arguments: " + arg);
+            }
+        }
+        System.exit(connectAndChat(host, port));
+    }
+
+    static int parsePort(String text) {
+        int port = 0;
+        try {
+            port = Integer.parseInt(text);
+        } catch (NumberFormatException e) {
+            usageError("argument --port: '" + text + "' is not a whole number");
+        }
+        if (port < 1 || port > 65535) {
+            usageError("argument --port: " + port + " is not between 1 and 65535");
+        }
+        return port;
+    }
+
+    static void usageError(String message) {
+        System.err.println(PROG + ": error: " + message + " (see --help)");
+        System.exit(2);
+    }
+
+    static int fail(String message) {
+        System.err.println(PROG + ": " + message);
+        return 1;
+    }
+
+    static int connectAndChat(String host, int port) {
+        String where = (host.contains(":") ? "[" + host + "]" : host) + ":" + port;
+        Socket socket = new Socket();
+        try {
+            socket.connect(new InetSocketAddress(host, port), CONNECT_TIMEOUT_MS);
+            socket.setTcpNoDelay(true);
+            return new ChatRoomClient(socket).run();
+        } catch (UnknownHostException e) {
+            return fail("cannot connect to " + where + ": unknown host");
+        } catch (SocketTimeoutException e) {
+            return fail("cannot connect to " + where + ": timed out");
+        } catch (IOException e) {
+            return fail("cannot connect to " + where + ": " + describe(e));
+        }
+    }
+
+    static String describe(IOException e) {
+        String message = e.getMessage();
+        if (message == null) {
+            return e.getClass().getSimpleName();
+        }
+        // "Connection refused (Connection refused)" on some JDKs: keep the words once.
+        int paren = message.indexOf(" (");
+        return paren > 0 ? message.substring(0, paren) : message;
+    }
+
+    private int run() throws IOException {
+        send(JOIN);
+        Thread receiver = new Thread(this::receiveForever, "receiver");
+        // A blocked read of stdin cannot be interrupted: a daemon nobody joins.
+        Thread input = new Thread(this::readInputForever, "input");
+        input.setDaemon(true);
+        Thread onSignal = new Thread(this::leaveOnSignal, "leave-on-signal");
+        Runtime.getRuntime().addShutdownHook(onSignal);
+        receiver.start();
+        input.start();
+        awaitQuietly(changed, Long.MAX_VALUE);
+        if (ended.getCount() > 0) {
+            awaitQuietly(ended, LEAVE_TIMEOUT_MS);
+        }
+        stopReceiving();
+        joinQuietly(receiver);
+        socket.close();
+        Runtime.getRuntime().removeShutdownHook(onSignal);
+        return failure == null ? 0 : fail(failure);
+    }
+
+    /** Ctrl-C, SIGTERM or SIGHUP: say !Quit, wait for the goodbye, and exit 0 as !Quit does. */
+    private void leaveOnSignal() {
+        if (ended.getCount() == 0) {
+            return;
+        }
+        leave();
+        awaitQuietly(ended, LEAVE_TIMEOUT_MS);
+        Runtime.getRuntime().halt(0);
+    }
+
+    private void send(String text) throws IOException {
+        byte[] line = (text + "\n").getBytes(StandardCharsets.UTF_8);
+        synchronized (out) { // the input thread and, on a signal, the shutdown hook send
+            out.write(line);
+            out.flush();
+        }
+    }
+
+    private void leave() {
+        if (leaving) {
+            return;
+        }
+        leaving = true;
+        try {
+            send(QUIT);
+        } catch (IOException e) {
+            // a lost connection is the receiver's to report
+        }
+        changed.countDown();
+    }
+
+    private void stopReceiving() {
+        try {
+            socket.shutdownInput(); // wakes a receiver blocked in read(); close() might not
+        } catch (IOException e) {
+            // already closed: the receiver has ended
+        }
+    }
+
+    private void readInputForever() {
+        BufferedReader stdin =
+                new BufferedReader(new InputStreamReader(System.in, StandardCharsets.UTF_8));
+        try {
+            while (!leaving) {
+                String text = stdin.readLine();
+                if (text == null || text.strip().equalsIgnoreCase(QUIT)) {
+                    leave();
+                    return;
+                }
+                send(text);
+            }
+        } catch (IOException e) {
+            // stdin or the socket failed; the receiver reports a lost connection
+        }
+    }
+
+    private void receiveForever() {
+        InputStream in;
+        ByteArrayOutputStream line = new ByteArrayOutputStream();
+        boolean tooLong = false;
+        try {
+            in = socket.getInputStream();
+            byte[] chunk = new byte[65536];
+            int n;
+            while ((n = in.read(chunk)) != -1) {
+                for (int i = 0; i < n; i++) {
+                    byte b = chunk[i];
+                    if (b == '\n') {
+                        show(tooLong ? "[a line from the server over " + MAX_SERVER_LINE
+                                + " bytes was cut]" : decodeLine(line.toByteArray()));
+                        line.reset();
+                        tooLong = false;
+                    } else if (line.size() < MAX_SERVER_LINE) {
+                        line.write(b);
+                    } else {
+                        tooLong = true;
+                    }
+                }
+            }
+            end(line.size() > 0 ? "connection lost in the middle of a line"
+                    : "the server closed the connection");
+        } catch (IOException e) {
+            end("connection lost: " + describe(e));
+        }
+    }
+
+    private void end(String why) {
+        if (!leaving) {
+            failure = why;
+        }
+        ended.countDown();
+        changed.countDown();
+    }
+
+    private void show(String text) {
+        stdout.println(text);
+    }
+
+    /** A line's text: invalid UTF-8 as U+FFFD, a final "\r" dropped, then made safe. */
+    static String decodeLine(byte[] bytes) {
+        int length = bytes.length;
+        if (length > 0 && bytes[length - 1] == '\r') {
+            length--;
+        }
+        CharsetDecoder decoder = StandardCharsets.UTF_8.newDecoder()
+                .onMalformedInput(CodingErrorAction.REPLACE)
+                .onUnmappableCharacter(CodingErrorAction.REPLACE);
+        try {
+            return sanitize(decoder.decode(ByteBuffer.wrap(bytes, 0, length)).toString());
+        } catch (CharacterCodingException e) {
+            throw new IllegalStateException("a replacing decoder cannot fail", e);
+        }
+    }
+
+    /** Replaces C0 and C1 controls, DEL, the line and paragraph separators and the bidi
+     * controls with U+FFFD, a tab with a space: the rule of PROTOCOL.md's "Safe text". */
+    static String sanitize(String text) {
+        StringBuilder safe = new StringBuilder(text.length());
+        for (int i = 0; i < text.length(); i++) {
+            char c = text.charAt(i);
+            if (c == '\t') {
+                safe.append(' ');
+            } else if (c < 0x20 || (c >= 0x7f && c < 0xa0) || c == '\u2028' || c == '\u2029'
+                    || BIDI_CONTROLS.indexOf(c) >= 0) {
+                safe.append('\ufffd');
+            } else {
+                safe.append(c);
+            }
+        }
+        return safe.toString();
+    }
+
+    static void awaitQuietly(CountDownLatch latch, long millis) {
+        try {
+            latch.await(millis, TimeUnit.MILLISECONDS);
+        } catch (InterruptedException e) {
+            Thread.currentThread().interrupt();
+        }
+    }
+
+    static void joinQuietly(Thread thread) {
+        try {
+            thread.join();
+        } catch (InterruptedException e) {
+            Thread.currentThread().interrupt();
+        }
+    }
+}

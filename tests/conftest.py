@@ -17,6 +17,8 @@ from typing import IO, Callable, TypeVar
 
 import pytest
 
+from .payloads import BIDI_CONTROLS, ESCAPE_SEQUENCES, INVALID_UTF8
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # How long any single wait may take before the test fails; generous for a loaded CI machine.
@@ -51,6 +53,34 @@ def unsafe_characters(text: str) -> list[str]:
     """What must never reach a terminal: C0 and C1 controls, DEL, and bidi controls."""
     bidi = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
     return [c for c in text if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or c in bidi + "\u2028\u2029"]
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port  # nothing listens once the socket is closed
+
+
+def assert_client_prints_nothing_unsafe(room: Room, client_command: list[str]) -> None:
+    """A fake server sends a client the escape corpus, bidi controls and invalid UTF-8; the
+    client must show every line, and none with a control character in it."""
+    hostile = [payload.encode() for payload in ESCAPE_SEQUENCES + BIDI_CONTROLS] + INVALID_UTF8
+    with socket.create_server(("127.0.0.1", 0)) as fake_server:
+        fake_server.settimeout(WAIT_SECONDS)
+        client = room.run([*client_command, "--port", str(fake_server.getsockname()[1])])
+        conn, _ = fake_server.accept()
+        with conn:
+            conn.settimeout(WAIT_SECONDS)
+            assert conn.recv(100) == b"!Join\n"
+            conn.sendall(b"".join(b"[6.6.6.6:6] " + line + b"\n" for line in hostile))
+            shown = client.stdout.wait_until(lambda lines: len(lines) >= len(hostile), "lines")
+    assert client.wait_exit() == 1
+    assert len(shown) == len(hostile)
+    for line in shown:
+        assert line.startswith("[6.6.6.6:6] ")
+        assert not unsafe_characters(line), repr(line)
 
 
 class LineCollector:

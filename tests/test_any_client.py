@@ -14,8 +14,14 @@ import time
 
 import pytest
 
-from .conftest import ROOT, WAIT_SECONDS, Room, Server, unsafe_characters
-from .payloads import BIDI_CONTROLS, ESCAPE_SEQUENCES, INVALID_UTF8
+from .conftest import (
+    ROOT,
+    WAIT_SECONDS,
+    Room,
+    Server,
+    assert_client_prints_nothing_unsafe,
+    closed_port,
+)
 
 JAVA_SOURCE = ROOT / "java" / "ChatRoomClient.java"
 
@@ -92,9 +98,7 @@ def test_the_java_client_says_in_one_line_that_the_server_is_gone(
 def test_the_java_client_against_a_closed_port_is_one_line_and_exit_1(
     room: Room, java_client: list[str]
 ) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = closed_port()
     java = room.run([*java_client, "--port", str(port)])
     assert java.wait_exit() == 1
     assert java.stderr.wait_ended() == [
@@ -122,21 +126,7 @@ def test_the_java_client_flags(
 def test_the_java_client_prints_nothing_unsafe_whatever_the_server_sends(
     room: Room, java_client: list[str]
 ) -> None:
-    hostile = [payload.encode() for payload in ESCAPE_SEQUENCES + BIDI_CONTROLS] + INVALID_UTF8
-    with socket.create_server(("127.0.0.1", 0)) as fake_server:
-        fake_server.settimeout(WAIT_SECONDS)
-        java = room.run([*java_client, "--port", str(fake_server.getsockname()[1])])
-        conn, _ = fake_server.accept()
-        with conn:
-            conn.settimeout(WAIT_SECONDS)
-            assert conn.recv(100) == b"!Join\n"
-            conn.sendall(b"".join(b"[6.6.6.6:6] " + line + b"\n" for line in hostile))
-            shown = java.stdout.wait_until(lambda lines: len(lines) >= len(hostile), "lines")
-    assert java.wait_exit() == 1
-    assert len(shown) == len(hostile)
-    for line in shown:
-        assert line.startswith("[6.6.6.6:6] ")
-        assert not unsafe_characters(line), repr(line)
+    assert_client_prints_nothing_unsafe(room, java_client)
 
 
 # The tools already on everyone's machine

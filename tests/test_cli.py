@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 
 import protocol
 
-from .conftest import Room, Server
+from .conftest import Room, Server, closed_port
 
 SCRIPTS = ["chatroom_server.py", "chatroom_client.py"]
 
@@ -57,13 +56,6 @@ def test_a_port_in_use_is_one_line_naming_the_port(room: Room, server: Server) -
     assert second.stderr.wait_ended() == [
         f"chatroom-server: cannot listen on 127.0.0.1:{server.port}: Address already in use"
     ]
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port  # nothing listens once the socket is closed
 
 
 def test_a_client_against_a_closed_port_is_one_line_and_exit_1(room: Room) -> None:

@@ -29,7 +29,9 @@ from .conftest import (
     Member,
     Room,
     Server,
+    assert_client_prints_nothing_unsafe,
     cpu_seconds,
+    python_script,
     rss_bytes,
     unsafe_characters,
     wait_for,
@@ -579,18 +581,4 @@ def test_every_member_connection_has_tcp_keepalive(room: Room, server_no_flood: 
 
 
 def test_the_client_prints_nothing_unsafe_whatever_the_server_sends(room: Room) -> None:
-    hostile = [payload.encode() for payload in ESCAPE_SEQUENCES + BIDI_CONTROLS] + INVALID_UTF8
-    with socket.create_server(("127.0.0.1", 0)) as fake_server:
-        fake_server.settimeout(10)
-        client = room.program("chatroom_client.py", "--port", str(fake_server.getsockname()[1]))
-        conn, _ = fake_server.accept()
-        with conn:
-            conn.settimeout(10)
-            assert conn.recv(100) == b"!Join\n"
-            conn.sendall(b"".join(b"[6.6.6.6:6] " + line + b"\n" for line in hostile))
-            shown = client.stdout.wait_until(lambda lines: len(lines) >= len(hostile), "lines")
-    assert client.wait_exit() == 1
-    assert len(shown) == len(hostile)
-    for line in shown:
-        assert line.startswith("[6.6.6.6:6] ")
-        assert not unsafe_characters(line), repr(line)
+    assert_client_prints_nothing_unsafe(room, python_script("chatroom_client.py"))

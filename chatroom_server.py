@@ -88,6 +88,7 @@ class Connection:
         )
         self.connected_at = now  # the join deadline counts from here, whatever is sent
         self.joined = False  # sent !Join: a member of the room
+        self.room_index = 0  # this turn's room lines from this index on are its to receive
         self.heard_from = False  # sent a byte; its first bytes are checked for another protocol
         self.reading = True  # EVENT_READ registered; off while its input waits for a turn
         self.watching_writes = False  # EVENT_WRITE registered: the outbox did not drain
@@ -120,6 +121,10 @@ class ChatServer:
         self._per_ip: dict[str, int] = {}  # open connections per peer address
         self._pending_input: set[Connection] = set()  # lines left over for the next turn
         self._pending_writes: set[Connection] = set()  # output queued since the last flush
+        # Lines broadcast this turn, each once, with who sent it: copied into the members'
+        # queues at the flush, one copy a member a turn, not one a member a line.
+        self._room_lines: list[bytes] = []
+        self._room_senders: list[Connection | None] = []
         self._to_close: list[Connection] = []  # closed at the end of the turn
         self._queued_bytes = 0  # all outboxes together, held to limits.sendq_total
         self._timers: list[tuple[float, int, Connection]] = []  # heap: when to check whom
@@ -156,14 +161,14 @@ class ChatServer:
         """One loop turn: handle input left over, flush output and close what the last turn
         left (Redis' beforeSleep), then sleep until a socket is ready, a deadline passes, or
         give_up_at. Says whether there was anything to do."""
-        busy = bool(self._pending_input or self._pending_writes or self._to_close)
+        busy = self._has_work_waiting()
         self._handle_pending_input()
         self._flush_pending_writes()
         self._enforce_total_output_limit()
         self._close_scheduled()
         if self._status_requested:
             self._log_status()
-        busy = busy or bool(self._pending_input or self._pending_writes)
+        busy = busy or self._has_work_waiting()
         events = self._selector.select(0 if busy else self._seconds_to_wake(give_up_at))
         for key, mask in events:
             if key.fileobj is self._listener:
@@ -173,6 +178,11 @@ class ChatServer:
             else:
                 self._handle_event(key.data, mask)
         return self._fire_timers() or busy or bool(events)
+
+    def _has_work_waiting(self) -> bool:
+        """Input, output or closes left for the next turn: then select() must not sleep."""
+        waiting = self._pending_input, self._pending_writes, self._room_lines, self._to_close
+        return any(waiting)
 
     def _log_status(self) -> None:
         self._status_requested = False
@@ -354,6 +364,7 @@ class ChatServer:
         self._queue(conn, protocol.welcome_line(conn.member_id, len(self._members)))
         self._broadcast(protocol.joined_line(conn.member_id))
         conn.joined = True
+        conn.room_index = len(self._room_lines)  # what was said before it came is not its
         self._members.add(conn)
         log.info("%s joined (%d members)", conn.member_id, len(self._members))
 
@@ -377,10 +388,32 @@ class ChatServer:
         log.info("%s left (%s)", conn.member_id, reason)
 
     def _broadcast(self, line: bytes, sender: Connection | None = None) -> None:
-        """Queues one already-encoded line for every member but its sender."""
+        """One already-encoded line for every member but its sender, delivered at the flush."""
+        self._room_lines.append(line)
+        self._room_senders.append(sender)
+
+    def _deliver_room_lines(self) -> None:
+        """Queues this turn's room lines: the same bytes object for every member that was here
+        all turn and sent none of them (Redis' shared objects), its own selection otherwise."""
+        lines, senders = self._room_lines, self._room_senders
+        if not lines:
+            return
+        everything = b"".join(lines)
+        sent_some = set(senders)
         for member in self._members:
-            if member is not sender:
-                self._queue(member, line)
+            if member.room_index or member in sent_some:
+                start = member.room_index
+                chunk = b"".join(
+                    line
+                    for line, sender in zip(lines[start:], senders[start:])
+                    if sender is not member
+                )
+                member.room_index = 0
+            else:
+                chunk = everything
+            if chunk:
+                self._queue(member, chunk)
+        self._room_lines, self._room_senders = [], []
 
     # Output
 
@@ -399,7 +432,10 @@ class ChatServer:
     def _flush_pending_writes(self) -> None:
         """Tries every queued output once per turn, before the next select() (Redis'
         handleClientsWithPendingWrites); a write may drop a peer and queue more notices."""
-        while self._pending_writes:
+        while True:
+            self._deliver_room_lines()  # and the leave notices of peers a failed write dropped
+            if not self._pending_writes:
+                return
             conn = self._pending_writes.pop()
             if not conn.closed:
                 self._write_to(conn)

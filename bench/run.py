@@ -171,7 +171,8 @@ class Running:
         result["loadgen_cpu_pct"] = 100 * result["cpu_seconds"] / max(result["wall_seconds"], 1e-9)
         result["deliveries_per_s"] = result["delivered"] / max(result["wall_seconds"], 1e-9)
         result["passed"] = (
-            result["delivered"] >= PASS_DELIVERED * result["expected"]
+            result["joined"] == members + (senders if self.server.mode == "redis" else 0)
+            and result["delivered"] >= PASS_DELIVERED * result["expected"]
             and 0 <= result["p99_ms"] <= PASS_P99_MS
             and result["order_errors"] == 0
             and result["echoes"] == 0

@@ -358,9 +358,10 @@ def main() -> int:
         chatty_plan = Sweep("chatty", 50, 50, [2000], 1)
         scale_members, scale_seconds, overload_seconds = 2000, 1.0, 1.0
     else:
-        rates = [250, 500, 1000, 2000, 3000, 4000, 6000, 8000, 12000, 16000]
+        rates = [50, 100, 250, 500, 1000, 2000, 3000, 4000, 6000, 8000, 12000, 16000, 24000]
         fan_out_plan = Sweep("fan-out", 1000, 10, [float(rate) for rate in rates], 5)
-        chatty_plan = Sweep("chatty", 50, 50, [1000, 2000, 4000, 8000, 16000, 32000, 64000], 5)
+        chatty_rates = [1000, 2000, 4000, 8000, 16000, 32000, 64000, 96000, 128000]
+        chatty_plan = Sweep("chatty", 50, 50, [float(rate) for rate in chatty_rates], 5)
         scale_members, scale_seconds, overload_seconds = 10_000, 10.0, 10.0
     with tempfile.TemporaryDirectory() as folder:
         loadgen = compile_loadgen(Path(folder))

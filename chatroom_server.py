@@ -273,8 +273,7 @@ class ChatServer:
         except BlockingIOError:
             return
         except OSError as exc:
-            log.info("closing %s: %s", conn.member_id, chatroom_cli.describe(exc))
-            self._drop(conn, protocol.REASON_LOST)
+            self._connection_failed(conn, exc)
             return
         if not data:
             self._drop(conn, protocol.REASON_CLOSED)
@@ -462,8 +461,7 @@ class ChatServer:
             except BlockingIOError:
                 pass
             except OSError as exc:
-                log.info("closing %s: %s", conn.member_id, chatroom_cli.describe(exc))
-                self._drop(conn, protocol.REASON_LOST)
+                self._connection_failed(conn, exc)
                 return
             del conn.outbox[:sent]
             self._queued_bytes -= sent
@@ -557,6 +555,11 @@ class ChatServer:
             return
         conn.lingering = True
         self._set_interest(conn, reading=True)
+
+    def _connection_failed(self, conn: Connection, exc: OSError) -> None:
+        """A reset, a broken pipe, a keepalive that went unanswered: the peer is gone."""
+        log.info("closing %s: %s", conn.member_id, chatroom_cli.describe(exc))
+        self._drop(conn, protocol.REASON_LOST)
 
     def _drop(self, conn: Connection, reason: str) -> None:
         self._remove_member(conn, reason)

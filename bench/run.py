@@ -168,6 +168,7 @@ class Running:
         result["server_cpu_pct"] = 100 * (cpu_seconds(self.proc.pid) - cpu_before) / elapsed
         result["server_rss_mib"] = proc_status(self.proc.pid, "VmRSS")
         result["server_peak_mib"] = proc_status(self.proc.pid, "VmHWM")
+        result["idle_mib"] = self.idle_mib
         result["loadgen_cpu_pct"] = 100 * result["cpu_seconds"] / max(result["wall_seconds"], 1e-9)
         result["deliveries_per_s"] = result["delivered"] / max(result["wall_seconds"], 1e-9)
         result["passed"] = (
@@ -217,16 +218,12 @@ def overload(server: Server, loadgen: Path, rate: float, seconds: float) -> Resu
             "rate": 2 * rate,
             "delivered_pct": 100 * over.get("delivered", 0) / max(over.get("expected", 1), 1),
             "dropped_slow": over.get("dropped_slow", 0),
-            "growth_mib": running_growth(over, running.idle_mib),
+            "growth_mib": over.get("server_peak_mib", running.idle_mib) - running.idle_mib,
             "recovered": after["passed"],
             "recovery_p99_ms": after.get("p99_ms", -1),
         }
     finally:
         running.stop()
-
-
-def running_growth(result: Result, idle_mib: float) -> float:
-    return float(result.get("server_peak_mib", idle_mib)) - idle_mib
 
 
 def log(server: str, scenario: str, point: Result) -> None:
@@ -372,12 +369,7 @@ def main() -> int:
         for server in servers:
             fan_out[server.name], _ = sweep(server, loadgen, fan_out_plan)
             chatty[server.name], _ = sweep(server, loadgen, chatty_plan)
-            running = Running(server)
-            try:
-                point = running.load(loadgen, scale_members, 1, 10, scale_seconds)
-                point["idle_mib"] = running.idle_mib
-            finally:
-                running.stop()
+            point = measure(server, loadgen, scale_members, 1, 10, scale_seconds)
             log(server.name, "scale", point)
             scale[server.name] = point
             best = fan_out[server.name]

@@ -29,7 +29,7 @@ import java.util.concurrent.TimeUnit;
  */
 public final class ChatRoomClient {
     static final String PROG = "chatroom-client";
-    static final String VERSION = "0.1.0";
+    static final String VERSION = "0.2.0"; // held to chatroom/__init__.py by a test
     static final String JOIN = "!Join";
     static final String QUIT = "!Quit";
     static final String DEFAULT_HOST = "127.0.0.1";

@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from chatroom import __version__
+
 from .conftest import (
     ROOT,
     WAIT_SECONDS,
@@ -109,7 +111,7 @@ def test_the_java_client_against_a_closed_port_is_one_line_and_exit_1(
 @pytest.mark.parametrize(
     ("args", "status", "stream", "expected"),
     [
-        (["--version"], 0, "stdout", "chatroom-client 0.1.0 (Java)"),
+        (["--version"], 0, "stdout", f"chatroom-client {__version__} (Java)"),
         (["--port", "http"], 2, "stderr", "chatroom-client: error: argument --port: 'http' "),
         (["--colour"], 2, "stderr", "chatroom-client: error: unrecognized arguments: --colour"),
     ],

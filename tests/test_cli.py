@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-import protocol
+from chatroom import __version__
 
 from .conftest import Room, Server, closed_port
 
@@ -25,9 +25,7 @@ def test_help_describes_the_flags(room: Room, script: str) -> None:
 def test_version(room: Room, script: str) -> None:
     program = room.program(script, "--version")
     assert program.wait_exit() == 0
-    assert program.stdout.wait_ended() == [
-        f"chatroom-{script.split('_')[1][:-3]} {protocol.VERSION}"
-    ]
+    assert program.stdout.wait_ended() == [f"chatroom-{script.split('_')[1][:-3]} {__version__}"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

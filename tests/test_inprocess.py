@@ -20,9 +20,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-import protocol
-from chatroom_limits import Limits
-from chatroom_server import ChatServer, open_listener
+from chatroom import protocol
+from chatroom.limits import Limits
+from chatroom.server import ChatServer, open_listener
 
 from .conftest import unsafe_characters
 

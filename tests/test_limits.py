@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatroom_limits import Limits, TokenBucket
+from chatroom.limits import Limits, TokenBucket
 
 
 def lines_allowed(bucket: TokenBucket, now: float, wanted: int) -> int:

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import protocol
-from protocol import LineBuffer, LineTooLong
+from chatroom import protocol
+from chatroom.protocol import LineBuffer, LineTooLong
 
 
 def feed_all(buffer: LineBuffer, chunks: list[bytes]) -> list[bytes | type[LineTooLong]]:

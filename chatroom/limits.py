@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import protocol
+from chatroom import protocol
 
 KiB = 1024
 MiB = 1024 * KiB

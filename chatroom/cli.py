@@ -8,7 +8,7 @@ import socket
 import sys
 from typing import Callable, NoReturn, TypeVar
 
-import protocol
+from chatroom import __version__
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5050
@@ -23,7 +23,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def make_parser(prog: str, description: str) -> OneLineErrorParser:
     parser = OneLineErrorParser(prog=prog, description=description)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {protocol.VERSION}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 

@@ -1,0 +1,257 @@
+"""The chat room's wire format, sans-IO: bytes in, commands out; events in, bytes out.
+
+Everything about the wire lives here and nowhere else: framing lines, parsing what a client
+sends, building every line the server sends, the member identifier, and making text safe to
+show on a terminal. Nothing here touches a socket, a thread or a terminal (see PROTOCOL.md).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Union
+
+ENCODING = "utf-8"
+
+# Longest line a client may send, counting its "\n". IRC allows 512, ssh-chat 1024, NATS 4096,
+# devzat 5120: 4096 holds a long paragraph while keeping per-member buffers small.
+MAX_LINE = 4096
+
+# Longest line the client accepts from a server. A server may run with a larger --max-line and
+# prefixes a tag of up to ~60 bytes, so this is generous; it still bounds what a hostile server
+# can make the client hold.
+MAX_SERVER_LINE = 65536
+
+JOIN = "!Join"
+QUIT = "!Quit"
+
+ERROR_PREFIX = "ERROR :"
+ERROR_NOT_JOINED = f"Join first: send {JOIN}"
+ERROR_ALREADY_JOINED = "Already joined"
+ERROR_SHUTTING_DOWN = "Server shutting down"
+ERROR_SENDQ_EXCEEDED = "SendQ exceeded"
+ERROR_PER_IP = "Too many connections from your address"
+ERROR_JOIN_TIMEOUT = "Join timeout"
+ERROR_LINE_TIMEOUT = "Timeout: incomplete line"
+ERROR_WRONG_PROTOCOL = f"Wrong protocol: this is a chat server, send {JOIN}"
+
+
+def server_full_error(max_members: int) -> str:
+    return f"Server full (max {max_members} members)"
+
+
+REASON_QUIT = "quit"
+REASON_CLOSED = "connection closed"
+REASON_LOST = "connection lost"
+REASON_TOO_SLOW = "too slow"
+REASON_TIMEOUT = "timeout"
+REASON_SERVER_ERROR = "server error"
+
+
+class RemoteProtocolError(Exception):
+    """The peer sent bytes that break the protocol: its fault, never a reason to crash."""
+
+
+class LineTooLong(RemoteProtocolError):
+    """A line ran past the limit; the buffer discards the rest of it and goes on."""
+
+    def __init__(self, max_line: int) -> None:
+        super().__init__(f"Line too long (max {max_line} bytes)")
+        self.max_line = max_line
+
+
+class LineBuffer:
+    """Splits a byte stream into lines ending in b"\\n" (b"\\r\\n" accepted), at most max_line
+    bytes each counting the terminator.
+
+    An over-long line is reported once, while still incomplete (so an endless line never fills
+    memory), and the rest of it up to its b"\\n" is dropped: the buffer never holds more than
+    max_line bytes plus the last chunk fed.
+    """
+
+    def __init__(self, max_line: int = MAX_LINE) -> None:
+        self._max_line = max_line
+        self._data = bytearray()  # received bytes not yet returned as a line
+        self._searched = 0  # bytes at the front of _data already known to hold no b"\n"
+        self._discarding = False  # inside an over-long line, dropping bytes until its b"\n"
+
+    def feed(self, data: bytes) -> None:
+        self._data += data
+
+    @property
+    def has_partial_line(self) -> bool:
+        """True while bytes of an unfinished line are held (to tell a drop mid-line at EOF)."""
+        return bool(self._data) or self._discarding
+
+    def next_line(self) -> bytes | None:
+        """The next complete line without its terminator, or None until more bytes arrive.
+
+        Raises LineTooLong once per over-long line; the buffer stays usable.
+        """
+        if self._discarding and not self._skip_rest_of_long_line():
+            return None
+        end = self._data.find(b"\n", self._searched)
+        if end == -1:
+            self._searched = len(self._data)
+            if len(self._data) >= self._max_line:
+                self._data.clear()
+                self._searched = 0
+                self._discarding = True
+                raise LineTooLong(self._max_line)
+            return None
+        line = bytes(self._data[:end])
+        del self._data[: end + 1]
+        self._searched = 0
+        if end + 1 > self._max_line:
+            raise LineTooLong(self._max_line)
+        return line[:-1] if line.endswith(b"\r") else line
+
+    def _skip_rest_of_long_line(self) -> bool:
+        """Drop bytes up to the end of the over-long line; True once its b"\\n" is passed."""
+        end = self._data.find(b"\n")
+        if end == -1:
+            self._data.clear()
+            self._searched = 0
+            return False
+        del self._data[: end + 1]
+        self._searched = 0
+        self._discarding = False
+        return True
+
+
+_HTTP_REQUEST = re.compile(rb"[A-Z]{3,7} \S+ HTTP/\d")
+_TELNET_IAC = 0xFF  # a telnet client may open with option negotiation: not a foreign protocol
+
+
+def looks_like_another_protocol(first_bytes: bytes) -> bool:
+    """True if a connection's first bytes are a TLS handshake, an HTTP request, an SSH banner,
+    or binary (a NUL, or invalid UTF-8): a client that will never speak this protocol."""
+    if first_bytes[:2] == b"\x16\x03" or first_bytes.startswith(b"SSH-"):
+        return True
+    if _HTTP_REQUEST.match(first_bytes) or b"\x00" in first_bytes:
+        return True
+    if first_bytes[:1] == bytes([_TELNET_IAC]):
+        return False
+    try:
+        first_bytes.decode(ENCODING)
+    except UnicodeDecodeError as exc:
+        # A character cut at the end of the read is not an error: the rest is on its way.
+        return exc.reason != "unexpected end of data"
+    return False
+
+
+@dataclass(frozen=True)
+class Join:
+    """The sender asks to enter the room."""
+
+
+@dataclass(frozen=True)
+class Quit:
+    """The sender leaves the room."""
+
+
+@dataclass(frozen=True)
+class Say:
+    """A chat message for every other member; text is already safe to show."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Blank:
+    """A line with nothing to say: ignored, never broadcast."""
+
+
+Command = Union[Join, Quit, Say, Blank]
+
+
+# A telnet command: IAC (0xFF), then an option negotiation (WILL, WONT, DO, DONT and the
+# option), a subnegotiation up to IAC SE, or a one-byte command. 0xFF never occurs in UTF-8,
+# so removing these cannot touch text.
+_TELNET_COMMAND = re.compile(rb"\xff(?:[\xfb-\xfe].|\xfa.*?\xff\xf0|[\xf0-\xf9\xff])", re.DOTALL)
+
+
+def parse_client_line(line: bytes) -> Command:
+    """Turns one line from a client (without its terminator) into a command; telnet's
+    negotiation bytes, if a telnet client sent any, are dropped first."""
+    if b"\xff" in line:
+        line = _TELNET_COMMAND.sub(b"", line)
+    text = decode_line(line)
+    word = text.strip()
+    if word.lower() == JOIN.lower():
+        return Join()
+    if word.lower() == QUIT.lower():
+        return Quit()
+    if not word:
+        return Blank()
+    return Say(text)
+
+
+def encode_client_line(text: str) -> bytes:
+    """The bytes a client sends for one line the user typed."""
+    return text.encode(ENCODING, "replace") + b"\n"
+
+
+# Every code point that could move the cursor, change colours, retitle a window, end a line
+# early or reorder text on a reader's terminal: C0 and C1 controls, DEL, the Unicode line and
+# paragraph separators and the twelve bidirectional controls (Trojan Source, CVE-2021-42574).
+_BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+_UNSAFE = [*range(0x20), 0x7F, *range(0x80, 0xA0), 0x2028, 0x2029, *map(ord, _BIDI_CONTROLS)]
+_SAFE_REPLACEMENTS = {**dict.fromkeys(_UNSAFE, "\ufffd"), ord("\t"): " "}
+
+
+def sanitize(text: str) -> str:
+    """Replaces every unsafe code point with U+FFFD (a tab with a space); keeps all else."""
+    # isprintable() is False for every code point in the table, so most lines skip translate().
+    if text.isprintable():
+        return text
+    return text.translate(_SAFE_REPLACEMENTS)
+
+
+def decode_line(line: bytes) -> str:
+    """Text of one whole line, invalid UTF-8 replaced by U+FFFD and made safe to show."""
+    return sanitize(line.decode(ENCODING, "replace"))
+
+
+def normalize_host(host: str) -> str:
+    """An IPv4-mapped IPv6 address (what a dual-stack listener reports for an IPv4 peer) as
+    plain IPv4; any other address as it is."""
+    if host.startswith("::ffff:") and "." in host:
+        return host[len("::ffff:") :]
+    return host
+
+
+def format_member_id(host: str, port: int) -> str:
+    """A member's identifier: "IP:PORT", or "[IPv6]:PORT"."""
+    host = normalize_host(host)
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def _server_line(text: str) -> bytes:
+    return text.encode(ENCODING) + b"\n"
+
+
+def welcome_line(member_id: str, others: int) -> bytes:
+    return _server_line(f"* Welcome, {member_id}. Others here: {others}")
+
+
+def joined_line(member_id: str) -> bytes:
+    return _server_line(f"* {member_id} joined")
+
+
+def left_line(member_id: str, reason: str) -> bytes:
+    return _server_line(f"* {member_id} left ({reason})")
+
+
+def goodbye_line(member_id: str) -> bytes:
+    return _server_line(f"* Goodbye, {member_id}")
+
+
+def chat_line(member_id: str, text: str) -> bytes:
+    return _server_line(f"[{member_id}] {text}")
+
+
+def error_line(text: str) -> bytes:
+    return _server_line(ERROR_PREFIX + text)

@@ -1,9 +1,11 @@
-"""The chat room server: one process, one thread, one selectors loop.
+"""The chat room server: one process, one thread, one selectors loop, and the glue between
+each connection (chatroom.connection) and the room (chatroom.room).
 
-Output discipline after Redis' networking.c: lines are queued per connection and flushed once
-per loop turn, before the next select(); EVENT_WRITE is watched only while a queue did not drain;
-no connection is closed in the middle of a broadcast, only at the end of the turn. Every buffer
-a peer can grow has a limit (chatroom_limits.Limits), and crossing one is logged naming the peer.
+Output discipline after Redis' networking.c: a turn's lines are kept in order (chatroom.fanout)
+and delivered, queued and flushed once per loop turn, before the next select(); EVENT_WRITE is
+watched only while a queue did not drain; no connection is closed in the middle of a turn, only
+at its end. Every buffer a peer can grow has a limit (chatroom.limits.Limits), counted as output
+is queued, and crossing one is logged naming the peer.
 """
 
 from __future__ import annotations
@@ -23,20 +25,19 @@ import sys
 import time
 from dataclasses import fields
 from types import FrameType
-from typing import Callable
+from typing import Callable, ClassVar
 
 from chatroom import cli, protocol
-from chatroom.limits import Limits, TokenBucket
+from chatroom.connection import RECV_SIZE, Connection, Deadline, LineCodec
+from chatroom.fanout import Fanout
+from chatroom.limits import Limits
+from chatroom.room import Joined, Left, Output, Room, ToMembers, ToPeer
 
 log = logging.getLogger("chatroom.server")
 
 PROG = "chatroom-server"
 
 DEFAULT_LIMITS = Limits()
-
-# One read per ready connection per turn; a connection's input buffer holds at most the line
-# limit plus this, and one fast sender cannot hold the loop for long.
-RECV_SIZE = 65536
 
 # Lines handled per connection per turn, so one busy member cannot hold the loop while the
 # others wait (ngircd: 3, Solanum: 5); the rest wait for the next turn, unread.
@@ -70,60 +71,32 @@ LINGER_SECONDS = 2.0
 SHUTDOWN_GRACE_SECONDS = 1.0
 
 
-class Connection:
-    """One peer's state; lives in its SelectorKey.data."""
-
-    def __init__(
-        self, sock: socket.socket, member_id: str, ip: str, limits: Limits, now: float
-    ) -> None:
-        self.sock = sock  # non-blocking
-        self.member_id = member_id  # "IP:PORT" as the server sees it: the name others see
-        self.ip = ip  # the address alone, counted against the per-address cap
-        self.inbox = protocol.LineBuffer(limits.max_line)  # received bytes not yet handled
-        self.outbox = bytearray()  # queued output the kernel has not accepted yet
-        # Flood control; None when it is off.
-        self.flood = (
-            TokenBucket(limits.flood_rate, limits.flood_burst, now) if limits.flood_rate else None
-        )
-        self.connected_at = now  # the join deadline counts from here, whatever is sent
-        self.joined = False  # sent !Join: a member of the room
-        self.room_index = 0  # this turn's room lines from this index on are its to receive
-        self.heard_from = False  # sent a byte; its first bytes are checked for another protocol
-        self.reading = True  # EVENT_READ registered; off while its input waits for a turn
-        self.watching_writes = False  # EVENT_WRITE registered: the outbox did not drain
-        self.input_paused_until: float | None = None  # over the flood limit: unread until then
-        self.partial_line_since: float | None = None  # an unfinished line has waited since then
-        self.over_soft_limit_since: float | None = None  # the outbox has been over the soft limit
-        self.write_stalled_since: float | None = None  # non-empty outbox, no byte taken since
-        self.leave_by: float | None = None  # leaving: flush, linger, and close by this time
-        self.lingering = False  # our side is shut down; discarding input until the peer's EOF
-        self.closed = False  # closed at the end of this turn; gets no more output
-        self.check_at: float | None = None  # when the timer heap next looks at its deadlines
-
-    @property
-    def leaving(self) -> bool:
-        """Its last line is queued (Redis' CLIENT_CLOSE_AFTER_REPLY); input is discarded."""
-        return self.leave_by is not None
-
-
-Deadline = tuple[float, Callable[["Connection"], None]]
+Clock = Callable[[], float]
 
 
 class ChatServer:
-    def __init__(self, listener: socket.socket, limits: Limits = DEFAULT_LIMITS) -> None:
+    """The loop: accepts, selects, keeps time and glues each connection to the room."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        limits: Limits = DEFAULT_LIMITS,
+        clock: Clock = time.monotonic,
+    ) -> None:
         self._listener = listener
         self._limits = limits
+        self._clock = clock  # every deadline is read off this; tests pass a fake one
         self.max_connections = connection_cap(limits.max_members)
         self._selector = selectors.DefaultSelector()
-        self._connections: set[Connection] = set()  # every open peer, joined or not
-        self._members: set[Connection] = set()  # the joined ones: who gets broadcasts
+        self._room = Room()
+        self._fanout: Fanout[Connection] = Fanout()  # this turn's lines, in order, for whom
+        # Every open peer, joined or not, in the order it came; dicts keep every order here
+        # (fan-out, flushes, evictions) the same from run to run.
+        self._connections: dict[str, Connection] = {}
         self._per_ip: dict[str, int] = {}  # open connections per peer address
-        self._pending_input: set[Connection] = set()  # lines left over for the next turn
-        self._pending_writes: set[Connection] = set()  # output queued since the last flush
-        # Lines broadcast this turn, each once, with who sent it: copied into the members'
-        # queues at the flush, one copy a member a turn, not one a member a line.
-        self._room_lines: list[bytes] = []
-        self._room_senders: list[Connection | None] = []
+        self._pending_input: dict[Connection, None] = {}  # lines left over for the next turn
+        self._pending_writes: dict[Connection, None] = {}  # output queued since the last flush
+        self._finishing: list[Connection] = []  # last line produced: leave once it is out
         self._to_close: list[Connection] = []  # closed at the end of the turn
         self._queued_bytes = 0  # all outboxes together, held to limits.sendq_total
         self._timers: list[tuple[float, int, Connection]] = []  # heap: when to check whom
@@ -154,16 +127,22 @@ class ChatServer:
         while self._stop_signal is None:
             self.run_once()
         log.info("%s received: shutting down", signal.Signals(self._stop_signal).name)
-        self._shut_down()
+        self.shut_down()
 
     def run_once(self, give_up_at: float | None = None) -> bool:
-        """One loop turn: handle input left over, flush output and close what the last turn
-        left (Redis' beforeSleep), then sleep until a socket is ready, a deadline passes, or
-        give_up_at. Says whether there was anything to do."""
+        """One loop turn; says whether there was anything to do. The steps, in the order of
+        Redis' beforeSleep and aeMain:
+
+        1. lines left over from earlier turns go to the room;
+        2. the room's lines go to each connection's queue, and on to the kernel (the flush);
+        3. connections that are done are closed;
+        4. sleep until a socket is ready, a deadline passes, or give_up_at;
+        5. read each ready socket: bytes, codec, lines, the room; accept newcomers;
+        6. act on the deadlines that passed.
+        """
         busy = self._has_work_waiting()
         self._handle_pending_input()
-        self._flush_pending_writes()
-        self._enforce_total_output_limit()
+        self._flush()
         self._close_scheduled()
         if self._status_requested:
             self._log_status()
@@ -180,14 +159,14 @@ class ChatServer:
 
     def _has_work_waiting(self) -> bool:
         """Input, output or closes left for the next turn: then select() must not sleep."""
-        waiting = self._pending_input, self._pending_writes, self._room_lines, self._to_close
-        return any(waiting)
+        waiting = self._pending_input, self._pending_writes, self._finishing, self._to_close
+        return self._fanout.has_lines() or any(waiting)
 
     def _log_status(self) -> None:
         self._status_requested = False
         log.info(
             "status: %d members, %d connections (max %d), %d bytes queued",
-            len(self._members),
+            len(self._room),
             len(self._connections),
             self.max_connections,
             self._queued_bytes,
@@ -208,12 +187,12 @@ class ChatServer:
                     log.warning("accept failed: %s", cli.describe(exc))
                 return
             ip = protocol.normalize_host(address[0])
-            member_id = protocol.format_member_id(ip, address[1])
+            peer_id = protocol.format_member_id(ip, address[1])
             refusal = self._refusal_for(ip)
             if refusal is None:
-                self.add_connection(sock, member_id, ip)
+                self.add_connection(sock, peer_id, ip)
             else:
-                log.info("refusing %s: %s", member_id, refusal)
+                log.info("refusing %s: %s", peer_id, refusal)
                 refuse(sock, protocol.error_line(refusal))
 
     def _refusal_for(self, ip: str) -> str | None:
@@ -228,21 +207,22 @@ class ChatServer:
             return protocol.ERROR_PER_IP
         return None
 
-    def add_connection(self, sock: socket.socket, member_id: str, ip: str) -> None:
+    def add_connection(self, sock: socket.socket, peer_id: str, ip: str) -> None:
         """Serves a connected socket from now on."""
         sock.setblocking(False)
         set_socket_options(sock)
-        conn = Connection(sock, member_id, ip, self._limits, time.monotonic())
-        self._connections.add(conn)
+        codec = LineCodec(self._limits.max_line)
+        conn = Connection(sock, peer_id, ip, codec, self._limits, self._clock())
+        self._connections[peer_id] = conn
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         self._selector.register(sock, selectors.EVENT_READ, conn)
-        self._arm(conn, conn.connected_at + self._limits.join_timeout)
-        log.info("%s connected", member_id)
+        self._arm_next_deadline(conn)
+        log.info("%s connected", peer_id)
 
     def _pause_accepting(self, exc: OSError) -> None:
         log.warning("not accepting for %g s: %s", ACCEPT_PAUSE_SECONDS, cli.describe(exc))
         self._selector.unregister(self._listener)
-        self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE_SECONDS
+        self._accept_paused_until = self._clock() + ACCEPT_PAUSE_SECONDS
 
     def _resume_accepting(self) -> None:
         self._accept_paused_until = None
@@ -253,22 +233,26 @@ class ChatServer:
             while self._wakeup_reader.recv(4096):
                 pass
 
-    # Reading
+    # Reading: bytes → codec → lines → the room
 
     def _handle_event(self, conn: Connection, mask: int) -> None:
-        """Serves one ready connection; an unexpected error closes that connection only."""
         try:
             if mask & selectors.EVENT_WRITE:
                 self._write_to(conn)
             if mask & selectors.EVENT_READ and not conn.closed:
                 self._read_from(conn)
         except Exception:
-            log.exception("closing %s: unexpected error", conn.member_id)
-            self._drop(conn, protocol.REASON_SERVER_ERROR)
+            self._failed(conn)
+
+    def _failed(self, conn: Connection) -> None:
+        """An unexpected error while serving one connection closes that connection only
+        (socketserver's handle_error)."""
+        log.exception("closing %s: unexpected error", conn.peer_id)
+        self._drop(conn, protocol.REASON_SERVER_ERROR)
 
     def _read_from(self, conn: Connection) -> None:
         try:
-            data = conn.sock.recv(RECV_SIZE)
+            data = conn.recv()
         except BlockingIOError:
             return
         except OSError as exc:
@@ -276,7 +260,7 @@ class ChatServer:
             return
         if not data:
             self._drop(conn, protocol.REASON_CLOSED)
-        elif conn.leaving:
+        elif conn.done:
             return  # a leaving peer's input is read only to be discarded
         elif not conn.heard_from and protocol.looks_like_another_protocol(data):
             self._close_with_error(
@@ -284,220 +268,192 @@ class ChatServer:
             )
         else:
             conn.heard_from = True
-            conn.inbox.feed(data)
+            conn.codec.receive(data)
             self._handle_lines(conn)
 
     def _handle_pending_input(self) -> None:
-        waiting, self._pending_input = self._pending_input, set()
+        waiting, self._pending_input = self._pending_input, {}
         for conn in waiting:
-            if not conn.closed:
+            if conn.closed:
+                continue
+            try:
                 self._handle_lines(conn)
+            except Exception:
+                self._failed(conn)
 
     def _handle_lines(self, conn: Connection) -> None:
-        """Handles up to LINES_PER_TURN lines, as flood control and the output total allow;
-        what is left waits, unread, for a later turn."""
+        """Hands up to LINES_PER_TURN lines to the room, as flood control and the output
+        total allow; what is left waits, unread, for a later turn."""
+        now = self._clock()
         for _ in range(LINES_PER_TURN):
-            if conn.leaving or conn.closed:
+            if conn.done:
                 return
-            if self._queued_bytes > self._limits.sendq_total:
-                break  # the next flush drains or evicts first: then this waits no longer
-            if conn.flood is not None:
-                wait = conn.flood.seconds_until_token(time.monotonic())
-                if wait > 0:
-                    self._pause_input(conn, wait)
-                    return
+            if self._turn_would_pass_output_total():
+                break  # the flush delivers this turn's lines first
+            wait = conn.lines_wait(now)
+            if wait > 0:
+                self._pause_input(conn, now + wait)
+                return
             try:
-                line = conn.inbox.next_line()
+                line = conn.codec.next_line()
             except protocol.LineTooLong as exc:
-                log.info("%s sent a line over %d bytes", conn.member_id, exc.max_line)
-                self._take_token(conn)
-                self._queue(conn, protocol.error_line(str(exc)))
+                log.info("%s sent a line over %d bytes", conn.peer_id, exc.max_line)
+                conn.line_handled()
+                self._tell(conn, protocol.error_line(str(exc)))
                 continue
             if line is None:
-                self._input_drained(conn)
+                self._input_drained(conn, now)
                 return
             conn.partial_line_since = None  # a line ended: any unfinished one is new
-            self._take_token(conn)
-            self._handle_command(conn, protocol.parse_client_line(line))
+            conn.line_handled()
+            command = protocol.parse_client_line(line)
+            self._act_on(self._room.handle(conn.peer_id, command, now))
         self._set_interest(conn, reading=False)
-        self._pending_input.add(conn)
+        self._pending_input[conn] = None
 
-    def _take_token(self, conn: Connection) -> None:
-        if conn.flood is not None:
-            conn.flood.take()
+    def _turn_would_pass_output_total(self) -> bool:
+        """This turn's lines, were every member to queue them, would pass the total of all
+        queues: so one turn's broadcasts cannot outgrow --sendq-total before the flush."""
+        pending = self._fanout.pending_bytes
+        if not pending:
+            return False
+        return self._queued_bytes + pending * len(self._fanout) > self._limits.sendq_total
 
-    def _pause_input(self, conn: Connection, seconds: float) -> None:
+    def _pause_input(self, conn: Connection, until: float) -> None:
         """Fakelag: stop reading a flooder; its kernel buffer fills and its sends block."""
-        conn.input_paused_until = time.monotonic() + seconds
+        conn.input_paused_until = until
         self._set_interest(conn, reading=False)
-        self._arm(conn, conn.input_paused_until)
+        self._arm(conn, until)
 
     def _resume_input(self, conn: Connection) -> None:
         conn.input_paused_until = None
-        self._pending_input.add(conn)
+        self._pending_input[conn] = None
 
-    def _input_drained(self, conn: Connection) -> None:
+    def _input_drained(self, conn: Connection, now: float) -> None:
         """No whole line is left: read again, and time any unfinished line (slow-loris)."""
         self._set_interest(conn, reading=True)
-        if not conn.inbox.has_partial_line:
-            conn.partial_line_since = None
-        elif conn.partial_line_since is None:
-            conn.partial_line_since = time.monotonic()
-            self._arm(conn, conn.partial_line_since + self._limits.line_timeout)
+        if conn.time_partial_line(now):
+            self._arm_next_deadline(conn)
 
-    def _handle_command(self, conn: Connection, command: protocol.Command) -> None:
-        if isinstance(command, protocol.Join):
-            self._join(conn)
-        elif isinstance(command, protocol.Quit):
-            self._quit(conn)
-        elif isinstance(command, protocol.Say):
-            self._say(conn, command.text)
+    # The room's outputs → this turn's lines
 
-    # The room
-
-    def _join(self, conn: Connection) -> None:
-        if conn.joined:
-            self._queue(conn, protocol.error_line(protocol.ERROR_ALREADY_JOINED))
-            return
-        self._queue(conn, protocol.welcome_line(conn.member_id, len(self._members)))
-        self._broadcast(protocol.joined_line(conn.member_id))
-        conn.joined = True
-        conn.room_index = len(self._room_lines)  # what was said before it came is not its
-        self._members.add(conn)
-        log.info("%s joined (%d members)", conn.member_id, len(self._members))
-
-    def _quit(self, conn: Connection) -> None:
-        self._queue(conn, protocol.goodbye_line(conn.member_id))
-        self._remove_member(conn, protocol.REASON_QUIT)
-        self._close_after_flush(conn)
-
-    def _say(self, conn: Connection, text: str) -> None:
-        if conn.joined:
-            self._broadcast(protocol.chat_line(conn.member_id, text), sender=conn)
-        else:
-            self._queue(conn, protocol.error_line(protocol.ERROR_NOT_JOINED))
-
-    def _remove_member(self, conn: Connection, reason: str) -> None:
-        """The one place a leave notice is sent from."""
-        if conn not in self._members:
-            return
-        self._members.remove(conn)
-        self._broadcast(protocol.left_line(conn.member_id, reason))
-        log.info("%s left (%s)", conn.member_id, reason)
-
-    def _broadcast(self, line: bytes, sender: Connection | None = None) -> None:
-        """One already-encoded line for every member but its sender, delivered at the flush."""
-        self._room_lines.append(line)
-        self._room_senders.append(sender)
-
-    def _deliver_room_lines(self) -> None:
-        """Queues this turn's room lines: the same bytes object for every member that was here
-        all turn and sent none of them (Redis' shared objects), its own selection otherwise."""
-        lines, senders = self._room_lines, self._room_senders
-        if not lines:
-            return
-        everything = b"".join(lines)
-        sent_some = set(senders)
-        for member in self._members:
-            if member.room_index or member in sent_some:
-                start = member.room_index
-                chunk = b"".join(
-                    line
-                    for line, sender in zip(lines[start:], senders[start:])
-                    if sender is not member
-                )
-                member.room_index = 0
+    def _act_on(self, outputs: list[Output]) -> None:
+        """Carries out what the room decided, in its order."""
+        connections = self._connections
+        for output in outputs:
+            if isinstance(output, ToMembers):
+                sender = None if output.sender is None else connections.get(output.sender)
+                self._fanout.to_members(output.line, sender)
+            elif isinstance(output, ToPeer):
+                self._tell(connections[output.peer], output.line)
+            elif isinstance(output, Joined):
+                conn = connections[output.member]
+                conn.join_by = None
+                self._fanout.add_member(conn)
+                log.info("%s joined (%d members)", output.member, output.members)
+            elif isinstance(output, Left):
+                self._fanout.remove_member(connections[output.member])
+                log.info("%s left (%s)", output.member, output.reason)
             else:
-                chunk = everything
-            if chunk:
-                self._send_or_queue(member, chunk)
-        self._room_lines, self._room_senders = [], []
+                self._finish(connections[output.peer])
 
-    def _send_or_queue(self, conn: Connection, data: bytes) -> None:
-        """Sends at once when nothing is queued before it, keeping only what the kernel did
-        not take: most members of a busy room skip the queue entirely. A failed send is left
-        for the flush to handle, since no one may be dropped in the middle of a delivery."""
-        if conn.outbox or conn.closed or conn.leaving:
-            self._queue(conn, data)
-            return
-        try:
-            sent = conn.sock.send(data)
-        except OSError:
-            sent = 0
-        if sent < len(data):
-            self._queue(conn, data[sent:])
+    def _tell(self, conn: Connection, line: bytes) -> None:
+        """One line for one connection, in its place among this turn's lines."""
+        if not conn.done:
+            self._fanout.to_peer(conn, line)
 
-    # Output
+    def _finish(self, conn: Connection) -> None:
+        """Its last line is produced: it leaves once this turn's lines are out."""
+        if not conn.done:
+            conn.finishing = True
+            self._fanout.finish(conn)
+            self._finishing.append(conn)
 
-    def _queue(self, conn: Connection, line: bytes) -> None:
-        if conn.leaving or conn.closed:
-            return
-        conn.outbox += line
-        self._queued_bytes += len(line)
-        if not conn.watching_writes:
-            self._pending_writes.add(conn)
-        elif len(conn.outbox) > self._limits.sendq_hard:
-            self._pending_writes.add(conn)  # dropped at the flush, never inside a broadcast
-        else:
-            self._track_soft_limit(conn)  # the kernel is full: what is queued stays queued
+    # Output: this turn's lines → queues → the kernel
 
-    def _flush_pending_writes(self) -> None:
-        """Tries every queued output once per turn, before the next select() (Redis'
-        handleClientsWithPendingWrites); a write may drop a peer and queue more notices."""
+    def _flush(self) -> None:
+        """Delivers this turn's lines, then tries every queued output once, before the next
+        select() (Redis' handleClientsWithPendingWrites). A delivery or a write may drop a
+        peer, whose leave notice is delivered in the same flush."""
         while True:
-            self._deliver_room_lines()  # and the leave notices of peers a failed write dropped
-            if not self._pending_writes:
+            if self._fanout.has_lines() or self._finishing:
+                self._deliver_turn()
+            elif self._pending_writes:
+                conn = next(iter(self._pending_writes))
+                del self._pending_writes[conn]
+                if not conn.closed:
+                    try:
+                        self._write_to(conn)
+                    except Exception:
+                        self._failed(conn)
+            else:
                 return
-            conn = self._pending_writes.pop()
-            if not conn.closed:
-                self._write_to(conn)
 
-    def _write_to(self, conn: Connection) -> None:
-        sent = 0
-        if conn.outbox:
+    def _deliver_turn(self) -> None:
+        finishing, self._finishing = self._finishing, []
+        for conn, share in self._fanout.take():
             try:
-                sent = conn.sock.send(conn.outbox)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                self._connection_failed(conn, exc)
-                return
-            del conn.outbox[:sent]
-            self._queued_bytes -= sent
-        self._set_interest(conn, writing=bool(conn.outbox))
-        if not conn.leaving:
-            self._check_output_limits(conn, sent)
-        elif not conn.outbox and not conn.lingering:
-            self._linger(conn)
+                self._send_or_queue(conn, share)
+            except Exception:
+                self._failed(conn)
+        for conn in finishing:
+            self._leave_after_flush(conn)
 
-    def _check_output_limits(self, conn: Connection, sent: int) -> None:
-        """After a write: the hard limit, the soft limit's clock, the write-progress clock."""
+    def _send_or_queue(self, conn: Connection, share: bytes) -> None:
+        """Sends at once when nothing is queued before it, keeping only what the kernel did
+        not take: most members of a busy room skip the queue entirely."""
+        if conn.closed or conn.leaving:
+            return
+        data = conn.codec.encode(share)
+        if not conn.outbox:
+            data = conn.send_now(data)
+        if data:
+            self._queue(conn, data)
+
+    def _queue(self, conn: Connection, data: bytes) -> None:
+        """Queues output, counted against the limits before it is held: past the hard limit
+        the connection is dropped instead, past the total the largest queue first."""
         limits = self._limits
-        if len(conn.outbox) > limits.sendq_hard:
+        if len(conn.outbox) + len(data) > limits.sendq_hard:
             self._drop_slow(conn, f"output queue over {limits.sendq_hard} bytes")
             return
-        self._track_soft_limit(conn)
-        if not conn.outbox:
-            conn.write_stalled_since = None
-        elif sent or conn.write_stalled_since is None:
-            conn.write_stalled_since = time.monotonic()
-            self._arm(conn, conn.write_stalled_since + limits.write_timeout)
+        if not self._make_room_for(conn, len(data)):
+            return
+        conn.outbox += data
+        self._queued_bytes += len(data)
+        if not conn.watching_writes:
+            self._pending_writes[conn] = None
+        if conn.time_soft_limit(self._clock()):
+            self._arm_next_deadline(conn)
 
-    def _track_soft_limit(self, conn: Connection) -> None:
-        if len(conn.outbox) <= self._limits.sendq_soft:
-            conn.over_soft_limit_since = None
-        elif conn.over_soft_limit_since is None:
-            conn.over_soft_limit_since = time.monotonic()
-            self._arm(conn, conn.over_soft_limit_since + self._limits.sendq_soft_seconds)
-
-    def _enforce_total_output_limit(self) -> None:
-        """Past the total of all queues, drops the largest first (Redis' client eviction)."""
+    def _make_room_for(self, conn: Connection, size: int) -> bool:
+        """Drops the largest queues until size more bytes fit the total (Redis' client
+        eviction); says whether conn is still there to take them."""
         limit = self._limits.sendq_total
-        while self._queued_bytes > limit:
-            largest = max(self._connections, key=lambda conn: len(conn.outbox))
-            if largest.leaving:
-                return  # its queue is already cut to one line: nothing more to win
-            self._drop_slow(largest, f"all output queues over {limit} bytes, this one the largest")
+        while self._queued_bytes + size > limit:
+            largest = max(
+                (other for other in self._connections.values() if not other.leaving),
+                key=lambda other: len(other.outbox) + (size if other is conn else 0),
+            )
+            why = f"all output queues over {limit} bytes, this one the largest"
+            self._drop_slow(largest, why)
+            if largest is conn:
+                return False
+        return True
+
+    def _write_to(self, conn: Connection) -> None:
+        try:
+            sent = conn.send_queued()
+        except OSError as exc:
+            self._connection_failed(conn, exc)
+            return
+        self._queued_bytes -= sent
+        self._set_interest(conn, writing=bool(conn.outbox))
+        if not conn.leaving:
+            if conn.output_moved(sent, self._clock()):
+                self._arm_next_deadline(conn)
+        elif not conn.outbox and not conn.lingering:
+            self._linger(conn)
 
     def _set_interest(
         self, conn: Connection, *, reading: bool | None = None, writing: bool | None = None
@@ -524,10 +480,10 @@ class ChatServer:
 
     def _close_with_error(self, conn: Connection, error: str, reason: str, why: str) -> None:
         """One error line to the peer, a leave notice to the others, then close."""
-        log.info("closing %s: %s", conn.member_id, why)
-        self._queue(conn, protocol.error_line(error))
-        self._remove_member(conn, reason)
-        self._close_after_flush(conn)
+        log.info("closing %s: %s", conn.peer_id, why)
+        self._tell(conn, protocol.error_line(error))
+        self._act_on(self._room.leave(conn.peer_id, reason))
+        self._finish(conn)
 
     def _drop_slow(self, conn: Connection, why: str) -> None:
         """Frees a slow reader's queue at once; it may still read the rest of a line it had
@@ -539,11 +495,12 @@ class ChatServer:
         self._queued_bytes -= len(conn.outbox) - keep
         del conn.outbox[keep:]
 
-    def _close_after_flush(self, conn: Connection) -> None:
-        if conn.leave_by is None:
-            conn.leave_by = time.monotonic() + LINGER_SECONDS
+    def _leave_after_flush(self, conn: Connection) -> None:
+        """Its last line is queued: close once it is out (Redis' CLIENT_CLOSE_AFTER_REPLY)."""
+        if conn.leave_by is None and not conn.closed:
+            conn.leave_by = self._clock() + LINGER_SECONDS
             self._arm(conn, conn.leave_by)
-        self._pending_writes.add(conn)  # so the close starts even if nothing is queued
+            self._pending_writes[conn] = None  # so the close starts even if nothing is queued
 
     def _linger(self, conn: Connection) -> None:
         """Everything is sent: shut down our side and wait for the peer's EOF."""
@@ -557,11 +514,11 @@ class ChatServer:
 
     def _connection_failed(self, conn: Connection, exc: OSError) -> None:
         """A reset, a broken pipe, a keepalive that went unanswered: the peer is gone."""
-        log.info("closing %s: %s", conn.member_id, cli.describe(exc))
+        log.info("closing %s: %s", conn.peer_id, cli.describe(exc))
         self._drop(conn, protocol.REASON_LOST)
 
     def _drop(self, conn: Connection, reason: str) -> None:
-        self._remove_member(conn, reason)
+        self._act_on(self._room.leave(conn.peer_id, reason))
         self._schedule_close(conn)
 
     def _schedule_close(self, conn: Connection) -> None:
@@ -574,14 +531,21 @@ class ChatServer:
             self._set_interest(conn, reading=False, writing=False)
             conn.sock.close()
             self._discard_output(conn, keep=0)
-            self._connections.discard(conn)
-            self._per_ip[conn.ip] -= 1
-            if not self._per_ip[conn.ip]:
-                del self._per_ip[conn.ip]
-            log.info("%s disconnected", conn.member_id)
+            del self._connections[conn.peer_id]
+            self._pending_input.pop(conn, None)
+            self._pending_writes.pop(conn, None)
+            self._per_ip[conn.address] -= 1
+            if not self._per_ip[conn.address]:
+                del self._per_ip[conn.address]
+            log.info("%s disconnected", conn.peer_id)
         self._to_close.clear()
 
     # Deadlines
+
+    def _arm_next_deadline(self, conn: Connection) -> None:
+        deadline = conn.next_deadline()
+        if deadline is not None:
+            self._arm(conn, deadline[0])
 
     def _arm(self, conn: Connection, when: float) -> None:
         """Makes sure conn's deadlines are looked at no later than when."""
@@ -594,11 +558,11 @@ class ChatServer:
         """How long select() may sleep: until the nearest deadline, or forever if none."""
         next_timer = self._timers[0][0] if self._timers else None
         wake_at = [t for t in (give_up_at, next_timer, self._accept_paused_until) if t is not None]
-        return max(0.0, min(wake_at) - time.monotonic()) if wake_at else None
+        return max(0.0, min(wake_at) - self._clock()) if wake_at else None
 
     def _fire_timers(self) -> bool:
         """Acts on every deadline that has passed; says whether there was one."""
-        now = time.monotonic()
+        now = self._clock()
         fired = False
         if self._accept_paused_until is not None and now >= self._accept_paused_until:
             self._resume_accepting()
@@ -608,33 +572,20 @@ class ChatServer:
             if conn.closed or conn.check_at != when:
                 continue  # a check armed earlier has already looked
             conn.check_at = None
-            self._check_deadlines(conn, now)
+            try:
+                self._check_deadlines(conn, now)
+            except Exception:
+                self._failed(conn)
             fired = True
         return fired
 
     def _check_deadlines(self, conn: Connection, now: float) -> None:
         """Acts on the earliest deadline of conn's that has passed, and arms the next one."""
-        deadlines = self._deadlines_of(conn)
-        if deadlines and deadlines[0][0] <= now:
-            deadlines[0][1](conn)
-            deadlines = self._deadlines_of(conn)
-        if deadlines and not conn.closed:
-            self._arm(conn, deadlines[0][0])
-
-    def _deadlines_of(self, conn: Connection) -> list[Deadline]:
-        """Every deadline conn is under now, earliest first, each with what to do when due."""
-        if conn.leave_by is not None:
-            return [(conn.leave_by, self._give_up_on)]
-        limits = self._limits
-        candidates: list[tuple[float | None, Callable[[Connection], None]]] = [
-            (conn.input_paused_until, self._resume_input),
-            (None if conn.joined else conn.connected_at + limits.join_timeout, self._join_late),
-            (after(conn.partial_line_since, limits.line_timeout), self._line_unfinished),
-            (after(conn.over_soft_limit_since, limits.sendq_soft_seconds), self._soft_too_long),
-            (after(conn.write_stalled_since, limits.write_timeout), self._write_stalled),
-        ]
-        deadlines = [(when, act) for when, act in candidates if when is not None]
-        return sorted(deadlines, key=lambda deadline: deadline[0])
+        deadline = conn.next_deadline()
+        if deadline is not None and deadline[0] <= now:
+            self._deadline_actions[deadline[1]](self, conn)
+        if not conn.closed:
+            self._arm_next_deadline(conn)
 
     def _join_late(self, conn: Connection) -> None:
         why = f"no {protocol.JOIN} within {self._limits.join_timeout:g} s"
@@ -653,30 +604,34 @@ class ChatServer:
         self._drop_slow(conn, f"no byte written for {self._limits.write_timeout:g} s")
 
     def _give_up_on(self, conn: Connection) -> None:
-        log.info("closing %s: its last line not taken or no EOF in time", conn.member_id)
+        log.info("closing %s: its last line not taken or no EOF in time", conn.peer_id)
         self._schedule_close(conn)
 
-    def _shut_down(self) -> None:
-        """Tells everyone, lets the goodbyes drain for a moment, then closes what is left."""
+    _deadline_actions: ClassVar[dict[Deadline, Callable[[ChatServer, Connection], None]]] = {
+        Deadline.LEAVE: _give_up_on,
+        Deadline.RESUME_INPUT: _resume_input,
+        Deadline.JOIN: _join_late,
+        Deadline.LINE: _line_unfinished,
+        Deadline.SOFT_LIMIT: _soft_too_long,
+        Deadline.WRITE_STALL: _write_stalled,
+    }
+
+    def shut_down(self) -> None:
+        """Tells everyone, after whatever this turn already produced, lets the goodbyes drain
+        for a moment, then closes what is left. Nobody is told of anyone leaving."""
         if self._accept_paused_until is None:
             self._selector.unregister(self._listener)
         self._accept_paused_until = None
         self._listener.close()
-        self._members.clear()  # no leave notices while the whole room closes
-        for conn in self._connections:
-            if not conn.leaving:  # a leaving peer had its last line already
-                self._queue(conn, protocol.error_line(protocol.ERROR_SHUTTING_DOWN))
-                self._close_after_flush(conn)
-        give_up_at = time.monotonic() + SHUTDOWN_GRACE_SECONDS
-        while self._connections and time.monotonic() < give_up_at:
+        for conn in self._connections.values():
+            self._tell(conn, protocol.error_line(protocol.ERROR_SHUTTING_DOWN))
+            self._finish(conn)
+        give_up_at = self._clock() + SHUTDOWN_GRACE_SECONDS
+        while self._connections and self._clock() < give_up_at:
             self.run_once(give_up_at)
-        for conn in self._connections:
+        for conn in self._connections.values():
             self._schedule_close(conn)
         self._close_scheduled()
-
-
-def after(start: float | None, seconds: float) -> float | None:
-    return None if start is None else start + seconds
 
 
 def connection_cap(max_members: int) -> int:

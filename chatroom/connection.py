@@ -1,0 +1,197 @@
+"""One peer's transport: bytes in and out of its socket, its framing, its output queue and
+the clocks of every limit on it. It knows nothing of what a line means or of the room.
+
+A codec turns received bytes into lines and lines into bytes. Plain text lines are the only
+codec today; a TLS or WebSocket layer takes the codec's place, and nothing above notices.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+from typing import Protocol
+
+from chatroom import protocol
+from chatroom.limits import Limits, TokenBucket
+
+# One read per ready connection per turn; a connection's input buffer holds at most the line
+# limit plus this, and one fast sender cannot hold the loop for long.
+RECV_SIZE = 65536
+
+
+class Codec(Protocol):
+    """Bytes from the peer in, lines out; lines for the peer in, bytes out."""
+
+    def receive(self, data: bytes) -> None: ...
+
+    def next_line(self) -> bytes | None:
+        """The next whole line, without its terminator; None until more bytes arrive.
+        Raises protocol.LineTooLong once per over-long line, and stays usable."""
+
+    @property
+    def has_partial_line(self) -> bool: ...
+
+    def encode(self, lines: bytes) -> bytes:
+        """The bytes that carry these server lines (each ending in b"\\n") to the peer."""
+
+
+class LineCodec:
+    """Plain text lines, as nc, telnet and the clients send them."""
+
+    def __init__(self, max_line: int) -> None:
+        self._lines = protocol.LineBuffer(max_line)
+
+    def receive(self, data: bytes) -> None:
+        self._lines.feed(data)
+
+    def next_line(self) -> bytes | None:
+        return self._lines.next_line()
+
+    @property
+    def has_partial_line(self) -> bool:
+        return self._lines.has_partial_line
+
+    def encode(self, lines: bytes) -> bytes:
+        return lines
+
+
+class Deadline(enum.Enum):
+    """What is due when one of a connection's clocks runs out."""
+
+    LEAVE = "its last line not taken, or no end of stream, in time"
+    RESUME_INPUT = "its flood-control pause is over"
+    JOIN = "it did not join in time"
+    LINE = "a line unfinished too long"
+    SOFT_LIMIT = "its output queue over the soft limit too long"
+    WRITE_STALL = "no byte of its queued output taken too long"
+
+
+class Connection:
+    """One peer's state; lives in its SelectorKey.data."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        peer_id: str,
+        address: str,
+        codec: Codec,
+        limits: Limits,
+        now: float,
+    ) -> None:
+        self.sock = sock  # non-blocking
+        self.peer_id = peer_id  # "IP:PORT" as the server sees it: the name others see
+        self.address = address  # whose connections are counted together against the cap
+        self.codec = codec  # received bytes not yet handled, and the framing of output
+        self._limits = limits
+        self.outbox = bytearray()  # queued output the kernel has not accepted yet
+        # Flood control; None when it is off.
+        self.flood = (
+            TokenBucket(limits.flood_rate, limits.flood_burst, now) if limits.flood_rate else None
+        )
+        self.join_by: float | None = now + limits.join_timeout  # None once it has joined
+        self.heard_from = False  # sent a byte; its first bytes are checked for another protocol
+        self.reading = True  # EVENT_READ registered; off while its input waits for a turn
+        self.watching_writes = False  # EVENT_WRITE registered: the outbox did not drain
+        self.input_paused_until: float | None = None  # over the flood limit: unread until then
+        self.partial_line_since: float | None = None  # an unfinished line has waited since then
+        self.over_soft_limit_since: float | None = None  # the outbox has been over the soft limit
+        self.write_stalled_since: float | None = None  # non-empty outbox, no byte taken since
+        self.finishing = False  # its last line is produced; it goes out with this turn's lines
+        self.leave_by: float | None = None  # leaving: flush, linger, and close by this time
+        self.lingering = False  # our side is shut down; discarding input until the peer's EOF
+        self.closed = False  # closed at the end of this turn; gets no more output
+        self.check_at: float | None = None  # when the timer heap next looks at its deadlines
+
+    @property
+    def leaving(self) -> bool:
+        """Its last line is queued (Redis' CLIENT_CLOSE_AFTER_REPLY); input is discarded."""
+        return self.leave_by is not None
+
+    @property
+    def done(self) -> bool:
+        """It gets no more lines: its last one is produced, or it is gone."""
+        return self.finishing or self.leave_by is not None or self.closed
+
+    def recv(self) -> bytes:
+        """What the peer sent, b"" at its end of stream. Raises BlockingIOError if nothing
+        is there, OSError if the connection failed."""
+        return self.sock.recv(RECV_SIZE)
+
+    def send_now(self, data: bytes) -> bytes:
+        """Sends what the kernel takes at once; returns the rest. A failure is left for the
+        next flush to find, since the caller may be in the middle of a delivery."""
+        try:
+            sent = self.sock.send(data)
+        except OSError:
+            sent = 0
+        return data[sent:]
+
+    def send_queued(self) -> int:
+        """Sends what the kernel takes of the outbox; returns how much. Raises OSError if
+        the connection failed."""
+        if not self.outbox:
+            return 0
+        try:
+            sent = self.sock.send(self.outbox)
+        except BlockingIOError:
+            return 0
+        del self.outbox[:sent]
+        return sent
+
+    def lines_wait(self, now: float) -> float:
+        """0 if flood control lets another line be handled now, else how long until it does."""
+        return 0.0 if self.flood is None else self.flood.seconds_until_token(now)
+
+    def line_handled(self) -> None:
+        if self.flood is not None:
+            self.flood.take()
+
+    # The clocks below say whether they started (or restarted): then a deadline is nearer.
+
+    def time_partial_line(self, now: float) -> bool:
+        """No whole line is left: an unfinished one is timed from its first byte."""
+        if not self.codec.has_partial_line:
+            self.partial_line_since = None
+        elif self.partial_line_since is None:
+            self.partial_line_since = now
+            return True
+        return False
+
+    def output_moved(self, sent: int, now: float) -> bool:
+        """After a write: restarts or stops the clocks of the soft limit and of progress."""
+        started = self.time_soft_limit(now)
+        if not self.outbox:
+            self.write_stalled_since = None
+        elif sent or self.write_stalled_since is None:
+            self.write_stalled_since = now
+            started = True
+        return started
+
+    def time_soft_limit(self, now: float) -> bool:
+        if len(self.outbox) <= self._limits.sendq_soft:
+            self.over_soft_limit_since = None
+        elif self.over_soft_limit_since is None:
+            self.over_soft_limit_since = now
+            return True
+        return False
+
+    def next_deadline(self) -> tuple[float, Deadline] | None:
+        """The earliest of the deadlines it is under now, and what it is."""
+        if self.leave_by is not None:
+            return self.leave_by, Deadline.LEAVE
+        if self.finishing:
+            return None  # its end is decided: the LEAVE deadline starts once its lines are out
+        limits = self._limits
+        candidates = [
+            (self.input_paused_until, Deadline.RESUME_INPUT),
+            (self.join_by, Deadline.JOIN),
+            (_after(self.partial_line_since, limits.line_timeout), Deadline.LINE),
+            (_after(self.over_soft_limit_since, limits.sendq_soft_seconds), Deadline.SOFT_LIMIT),
+            (_after(self.write_stalled_since, limits.write_timeout), Deadline.WRITE_STALL),
+        ]
+        due = [(when, what) for when, what in candidates if when is not None]
+        return min(due, key=lambda deadline: deadline[0]) if due else None
+
+
+def _after(start: float | None, seconds: float) -> float | None:
+    return None if start is None else start + seconds

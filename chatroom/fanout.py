@@ -28,6 +28,7 @@ class Fanout(Generic[Peer]):
         # end of everything] as indices into _lines.
         self._windows: dict[Peer, list[int]] = {}
         self.pending_bytes = 0  # the bytes of this turn's lines, each counted once
+        self._direct_lines = 0  # how many of them are for one peer only
 
     def __len__(self) -> int:
         """How many peers get broadcasts."""
@@ -42,7 +43,8 @@ class Fanout(Generic[Peer]):
         self._audience[peer] = None
 
     def remove_member(self, peer: Peer) -> None:
-        """From this point on, the peer gets no broadcasts."""
+        """From this point on, the peer gets no broadcasts. A peer that left does not join
+        again in the same turn (its connection is on its way out)."""
         self._window(peer)[1] = len(self._lines)
         del self._audience[peer]
 
@@ -61,24 +63,33 @@ class Fanout(Generic[Peer]):
     def to_peer(self, peer: Peer, line: bytes) -> None:
         """The line for one peer only, member or not."""
         self._append(line, peer, None)
+        self._direct_lines += 1
         self._window(peer)
 
     def take(self) -> list[tuple[Peer, bytes]]:
         """Each peer's share of the turn's lines, in order, and a fresh turn."""
-        lines, only, senders, windows = self._lines, self._only, self._sender, self._windows
-        everything = b"".join(line for line, to in zip(lines, only) if to is None)
+        if self._direct_lines:
+            everything = b"".join(line for line, to in zip(self._lines, self._only) if to is None)
+        else:
+            everything = b"".join(self._lines)
+        windows = self._windows
         shares = [(peer, everything) for peer in self._audience if peer not in windows]
-        for peer, (first, end_of_broadcasts, end) in windows.items():
-            share = b"".join(
-                line
-                for index, (line, to, sender) in enumerate(zip(lines[:end], only, senders))
-                if to is peer
-                or (to is None and sender is not peer and first <= index < end_of_broadcasts)
-            )
-            shares.append((peer, share))
+        shares += [(peer, self._share_of(peer, *window)) for peer, window in windows.items()]
         self._lines, self._only, self._sender, self._windows = [], [], [], {}
-        self.pending_bytes = 0
+        self.pending_bytes = self._direct_lines = 0
         return [(peer, share) for peer, share in shares if share]
+
+    def _share_of(self, peer: Peer, first: int, end_of_broadcasts: int, end: int) -> bytes:
+        lines, senders = self._lines, self._sender
+        if not self._direct_lines and (first, end_of_broadcasts, end) == (0, _NEVER, _NEVER):
+            # A member all turn that sent some of the lines: the usual case, kept quick.
+            return b"".join(line for line, sender in zip(lines, senders) if sender is not peer)
+        return b"".join(
+            line
+            for index, (line, to, sender) in enumerate(zip(lines[:end], self._only, senders))
+            if to is peer
+            or (to is None and sender is not peer and first <= index < end_of_broadcasts)
+        )
 
     def _append(self, line: bytes, only: Peer | None, sender: Peer | None) -> None:
         self._lines.append(line)

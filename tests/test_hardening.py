@@ -252,6 +252,33 @@ def test_a_member_that_never_reads_is_dropped_others_get_everything_memory_stays
     assert len(rest) < 60_000  # it was cut off, not served to the end
 
 
+def test_a_broadcast_burst_to_members_that_never_read_stays_under_the_total(
+    room: Room, record_property: Callable[[str, object], None]
+) -> None:
+    """150 members that never read each send 20 lines of 4 KiB at once: copied into every
+    queue before any limit was looked at, this took the server past 1 GiB. Output is counted
+    as it is queued, so the total holds whatever one turn produces."""
+    total = 16 * MiB
+    server = room.server(*NO_FLOOD_CONTROL, "--sendq-total", str(total))
+    talker, listener = room.joined_members(server.port, 2)
+    stalled = [room.member(server.port, receive_buffer=4096) for _ in range(150)]
+    for member in stalled:
+        member.join()
+    baseline = rss_bytes(server.proc.pid)
+    for member in stalled:
+        member.send(("x" * 4000 + "\n") * 20)
+    for marker in range(3):  # each marker is handled at least a turn after the one before
+        talker.say(f"marker {marker}")
+        listener.expect(f"[{talker.member_id}] marker {marker}")
+    growth = rss_bytes(server.proc.pid, "VmHWM") - baseline
+    record_property("server_rss_growth_mib", round(growth / MiB, 1))
+    # The queues' total, each member's input buffer (up to a line and a 64 KiB read: about
+    # 10 MiB here) and the allocator's slack; the old server grew by over a GiB.
+    assert growth < 3 * total
+    talker.say("still serving")
+    listener.expect(f"[{talker.member_id}] still serving")
+
+
 def discard_what_arrived(member: Member) -> None:
     member.sock.settimeout(0)
     with contextlib.suppress(BlockingIOError):

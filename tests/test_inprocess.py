@@ -1,5 +1,6 @@
-"""The server run turn by turn in the test's own thread, members on socketpairs: limits crossed
-to the byte, and a hypothesis state machine of the room.
+"""The server run turn by turn in the test's own thread, members on socketpairs and time on a
+fake clock: limits crossed to the byte, deadlines to the tick, the order of a turn's lines, and
+a hypothesis state machine of the loop with members that stop reading.
 
 A stalled member is a socketpair whose server end was filled until the kernel refused more
 (trio's fill_socket): from then on every byte for it stays in the server's queue, so its queue
@@ -11,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -56,10 +56,23 @@ class Peer:
         return [line.decode("utf-8") for line in whole]
 
 
+class FakeClock:
+    """The server's clock, moved only by the test: deadlines fire exactly when it says."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.step = 0.0  # how far each reading moves it on, for code that waits on the clock
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
 class InProcessRoom:
     def __init__(self, **limits: float) -> None:
         self.listener = open_listener("127.0.0.1", 0)
-        self.server = ChatServer(self.listener, Limits(**limits))  # type: ignore[arg-type]
+        self.clock = FakeClock()
+        self.server = ChatServer(self.listener, Limits(**limits), clock=self.clock)  # type: ignore[arg-type]
         self.peers: list[Peer] = []
 
     def connect(self, stalled: bool = False) -> Peer:
@@ -82,15 +95,14 @@ class InProcessRoom:
     def settle(self) -> None:
         """Runs turns until the server has nothing to do right now."""
         for _ in range(10_000):
-            if not self.server.run_once(give_up_at=time.monotonic()):
+            if not self.server.run_once(give_up_at=self.clock.now):
                 return
         raise AssertionError("the server never settled")
 
     def run_for(self, seconds: float) -> None:
-        """Lets the server's clock-driven deadlines run for a while."""
-        until = time.monotonic() + seconds
-        while time.monotonic() < until:
-            self.server.run_once(give_up_at=until)
+        """Moves the clock on and lets the deadlines that passed act."""
+        self.clock.now += seconds
+        self.settle()
 
     def close(self) -> None:
         for peer in self.peers:
@@ -142,14 +154,14 @@ def test_the_soft_limit_drops_one_byte_over_after_its_seconds_and_not_at(
     queued = len(protocol.welcome_line(stalled.member_id, 1))
     talker.say("x" * (2000 - queued - chat_line_length(talker, "") + over))
     room.settle()
-    crossed = time.monotonic()
+    crossed = room.clock.now
     left = f"* {stalled.member_id} left (too slow)"
     room.run_for(0.2)
     assert left not in talker.lines()
     room.run_for(0.3)
     notices = talker.lines()
     assert (left in notices) == bool(over)
-    assert time.monotonic() - crossed >= 0.3
+    assert room.clock.now - crossed >= 0.3
 
 
 def test_dipping_under_the_soft_limit_restarts_its_clock(make_room: type[InProcessRoom]) -> None:
@@ -323,3 +335,60 @@ class RoomMachine(RuleBasedStateMachine):
 
 RoomMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
 test_room_state_machine = RoomMachine.TestCase
+
+
+# The order of a turn's lines: whatever the server handles first reaches each member first.
+# Lines sent before a settle() are read in the order they were sent (epoll reports sockets in
+# the order they became readable).
+
+
+def test_a_reply_never_overtakes_a_broadcast_handled_before_it(
+    make_room: type[InProcessRoom],
+) -> None:
+    room = make_room(flood_rate=0)
+    alice, bob = room.join(), room.join()
+    alice.lines()
+    bob.say("first")
+    alice.say("!Join")  # already joined: an error for alice alone
+    room.settle()
+    assert alice.lines() == [f"[{bob.member_id}] first", "ERROR :Already joined"]
+
+
+def test_a_line_handled_before_a_quit_reaches_the_one_quitting(
+    make_room: type[InProcessRoom],
+) -> None:
+    room = make_room(flood_rate=0)
+    alice, bob = room.join(), room.join()
+    alice.lines()
+    bob.say("wait for me")
+    alice.say("!Quit")
+    room.settle()
+    assert alice.lines() == [f"[{bob.member_id}] wait for me", f"* Goodbye, {alice.member_id}"]
+
+
+def test_a_line_handled_in_the_turn_of_a_shutdown_reaches_everyone_before_the_goodbye(
+    make_room: type[InProcessRoom],
+) -> None:
+    room = make_room(flood_rate=0)
+    alice, bob, carol = room.join(), room.join(), room.join()
+    alice.lines()
+    bob.lines()
+    carol.say("last words")
+    room.server.run_once(give_up_at=room.clock.now)  # reads it; the flush comes next turn
+    room.clock.step = 0.5  # the second of grace passes within a turn or two
+    room.server.shut_down()
+    for member in (alice, bob):
+        assert member.lines() == [f"[{carol.member_id}] last words", "ERROR :Server shutting down"]
+
+
+def test_members_dropped_in_one_turn_are_announced_in_the_order_they_joined(
+    make_room: type[InProcessRoom],
+) -> None:
+    room = make_room(sendq_hard=2000, flood_rate=0)
+    talker = room.join()
+    stalled = [room.join(stalled=True) for _ in range(12)]
+    talker.lines()
+    talker.say("x" * 2000)  # over every stalled member's hard limit in the same turn
+    room.settle()
+    notices = [line for line in talker.lines() if " left " in line]
+    assert notices == [f"* {member.member_id} left (too slow)" for member in stalled]

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from chatroom import protocol
+from chatroom.connection import LineCodec
 from chatroom.limits import Limits
 from chatroom.server import ChatServer, open_listener
 
@@ -392,3 +393,41 @@ def test_members_dropped_in_one_turn_are_announced_in_the_order_they_joined(
     room.settle()
     notices = [line for line in talker.lines() if " left " in line]
     assert notices == [f"* {member.member_id} left (too slow)" for member in stalled]
+
+
+class CodecThatFailsOnce(LineCodec):
+    """Runs out of memory encoding the first share that says "boom", as a bug would."""
+
+    failed = False
+
+    def encode(self, lines: bytes) -> bytes:
+        if b"boom" in lines and not CodecThatFailsOnce.failed:
+            CodecThatFailsOnce.failed = True
+            raise MemoryError("as if the machine ran out")
+        return lines
+
+
+def test_an_error_while_delivering_to_one_member_drops_that_member_only(
+    make_room: type[InProcessRoom], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("chatroom.server.LineCodec", CodecThatFailsOnce)
+    monkeypatch.setattr(CodecThatFailsOnce, "failed", False)
+    room = make_room(flood_rate=0)
+    talker, first, second, third = (room.join() for _ in range(4))
+    for member in (talker, first, second, third):
+        member.lines()
+    talker.say("boom")
+    room.settle()
+    talker.say("after")
+    room.settle()
+    heard = {member.member_id: member.lines() for member in (first, second, third)}
+    [failed] = [
+        member for member, lines in heard.items() if f"[{talker.member_id}] boom" not in lines
+    ]
+    for member, lines in heard.items():
+        if member != failed:
+            assert lines == [
+                f"[{talker.member_id}] boom",
+                f"* {failed} left (server error)",
+                f"[{talker.member_id}] after",
+            ]

@@ -165,17 +165,46 @@ class Blank:
 Command = Union[Join, Quit, Say, Blank]
 
 
-# A telnet command: IAC (0xFF), then an option negotiation (WILL, WONT, DO, DONT and the
-# option), a subnegotiation up to IAC SE, or a one-byte command. 0xFF never occurs in UTF-8,
-# so removing these cannot touch text.
-_TELNET_COMMAND = re.compile(rb"\xff(?:[\xfb-\xfe].|\xfa.*?\xff\xf0|[\xf0-\xf9\xff])", re.DOTALL)
+def strip_telnet_commands(line: bytes) -> bytes:
+    """The line without its telnet commands (RFC 854), found in one pass over it.
+
+    A command is IAC (0xFF), then an option negotiation (WILL, WONT, DO or DONT, 0xFB-0xFE, and
+    the option byte), a subnegotiation (SB, 0xFA) up to the next IAC SE (0xFF 0xF0), or a
+    one-byte command (0xF0-0xF9, or IAC again). Anything else after an IAC, an SB that no IAC SE
+    closes, and a negotiation cut short by the end of the line are kept, and decode to U+FFFD.
+    0xFF never occurs in UTF-8, so removing commands cannot touch text.
+    """
+    kept = bytearray()
+    copied = 0  # line[:copied] is in kept already, or was a command
+    # False once a search for IAC SE reached the end of the line: no later SB can close either,
+    # so none is searched again. Searching from every SB made a line of them cost O(n²).
+    se_ahead = True
+    iac = line.find(b"\xff")
+    while iac != -1:
+        command = line[iac + 1] if iac + 1 < len(line) else -1
+        end = -1  # where the command that starts at iac ends; -1 while it is none
+        if command == 0xFA and se_ahead:
+            se = line.find(b"\xff\xf0", iac + 2)
+            se_ahead = se != -1
+            end = se + 2 if se_ahead else -1
+        elif 0xFB <= command <= 0xFE and iac + 2 < len(line):
+            end = iac + 3
+        elif 0xF0 <= command <= 0xF9 or command == 0xFF:
+            end = iac + 2
+        if end == -1:
+            iac = line.find(b"\xff", iac + 1)
+        else:
+            kept += line[copied:iac]
+            copied = end
+            iac = line.find(b"\xff", end)
+    return bytes(kept) + line[copied:]
 
 
 def parse_client_line(line: bytes) -> Command:
     """Turns one line from a client (without its terminator) into a command; telnet's
     negotiation bytes, if a telnet client sent any, are dropped first."""
     if b"\xff" in line:
-        line = _TELNET_COMMAND.sub(b"", line)
+        line = strip_telnet_commands(line)
     text = decode_line(line)
     word = text.strip()
     if word.lower() == JOIN.lower():

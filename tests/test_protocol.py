@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import time
 import unicodedata
+from typing import Callable
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from chatroom import protocol
@@ -141,6 +144,51 @@ def test_any_chunking_reports_the_same_over_long_lines(
 )
 def test_client_lines_parse_into_commands(line: bytes, command: protocol.Command) -> None:
     assert protocol.parse_client_line(line) == command
+
+
+def best_time(work: Callable[[], object], repeat: int = 5) -> float:
+    """The least CPU time work takes over a few runs. CPU time of this process, not the clock
+    on the wall, so other processes on a loaded machine do not count; the least, so neither
+    does a run that a cache miss or the garbage collector slowed."""
+    times = []
+    for _ in range(repeat):
+        started = time.process_time()
+        work()
+        times.append(time.process_time() - started)
+    return min(times)
+
+
+# The telnet rule as the regex protocol.py used before: plain to read, the test's oracle, but
+# it looks for each SB's IAC SE afresh, so a line of unclosed SBs costs it O(n²).
+TELNET_COMMAND = re.compile(rb"\xff(?:[\xfb-\xfe].|\xfa.*?\xff\xf0|[\xf0-\xf9\xff])", re.DOTALL)
+TELNET_BYTES = [b"\xff", b"\xfa", b"\xf0", b"\xf1", b"\xfb", b"a", b"\xc3\xa9"]
+
+
+# Explicit cases: a negotiation cut short by the end of the line; an SB inside an SB, then a
+# lone IAC; SBs that no IAC SE closes.
+@given(st.lists(st.sampled_from(TELNET_BYTES)))
+@example([b"\xff", b"\xfb"])
+@example([b"\xff", b"\xfa", b"a", b"\xff", b"\xfa", b"\xff", b"\xf0", b"\xff"])
+@example([b"\xff", b"\xfa", b"\xff", b"\xfa", b"a"])
+def test_stripping_telnet_commands_removes_exactly_what_the_regex_matches(
+    pieces: list[bytes],
+) -> None:
+    line = b"".join(pieces)
+    assert protocol.strip_telnet_commands(line) == TELNET_COMMAND.sub(b"", line)
+
+
+# A line of telnet subnegotiations (IAC SB) that IAC SE never closes: the worst line for a
+# parser that looks for the end of each one afresh.
+@pytest.mark.parametrize("unit", [b"\xff\xfa", b"\xff\xfax"])
+def test_stripping_telnet_commands_costs_time_in_proportion_to_the_line(unit: bytes) -> None:
+    # Time is compared, not asserted: ten lines of 4,095 bytes against one of ten times that.
+    # In one pass both take the same time; rescanning the line from every IAC (a regex that
+    # retries a subnegotiation from each one) makes the long line ten times slower.
+    short = (unit * 4095)[:4095]
+    long = (unit * 40950)[:40950]
+    ten_short = best_time(lambda: [protocol.parse_client_line(short) for _ in range(10)])
+    one_long = best_time(lambda: protocol.parse_client_line(long))
+    assert one_long < 3 * ten_short, f"{one_long * 1e3:.1f} ms vs {ten_short * 1e3:.1f} ms"
 
 
 @pytest.mark.parametrize(

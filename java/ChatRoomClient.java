@@ -50,6 +50,8 @@ public final class ChatRoomClient {
             new PrintStream(System.out, true, StandardCharsets.UTF_8);
     private final CountDownLatch changed = new CountDownLatch(1); // leaving or ended
     private final CountDownLatch ended = new CountDownLatch(1); // the stream ended
+    private final CountDownLatch finished = new CountDownLatch(1); // run() is done: exitStatus set
+    private volatile int exitStatus; // the session's exit status, once finished is open
     private volatile boolean leaving; // the user asked to leave and !Quit went out
     private volatile String failure; // why the session ended, if the user did not end it
 
@@ -143,8 +145,9 @@ public final class ChatRoomClient {
         // A blocked read of stdin cannot be interrupted: a daemon nobody joins.
         Thread input = new Thread(this::readInputForever, "input");
         input.setDaemon(true);
-        Thread onSignal = new Thread(this::leaveOnSignal, "leave-on-signal");
-        Runtime.getRuntime().addShutdownHook(onSignal);
+        // Never removed: removing it races the hook a signal has just started ("Shutdown in
+        // progress"). After the session it is what exits, with the session's status.
+        Runtime.getRuntime().addShutdownHook(new Thread(this::leaveOnSignal, "leave-on-signal"));
         receiver.start();
         input.start();
         awaitQuietly(changed, Long.MAX_VALUE);
@@ -153,19 +156,29 @@ public final class ChatRoomClient {
         }
         stopReceiving();
         joinQuietly(receiver);
-        socket.close();
-        Runtime.getRuntime().removeShutdownHook(onSignal);
-        return failure == null ? 0 : fail(failure);
+        try {
+            socket.close();
+        } catch (IOException e) {
+            // nothing is lost: both sides are done with it, and the status below stands
+        }
+        exitStatus = failure == null ? 0 : fail(failure);
+        finished.countDown();
+        return exitStatus;
     }
 
-    /** Ctrl-C, SIGTERM or SIGHUP: say !Quit, wait for the goodbye, and exit 0 as !Quit does. */
+    /**
+     * The JVM shuts down. On Ctrl-C, SIGTERM or SIGHUP during the session: say !Quit and let
+     * run() finish as after !Quit (exit 0, or 1 if the connection had already failed). After
+     * run(), main's System.exit got here: exit with the same status.
+     */
     private void leaveOnSignal() {
-        if (ended.getCount() == 0) {
-            return;
+        if (finished.getCount() > 0) {
+            leave();
+            // run() waits LEAVE_TIMEOUT_MS at most for the goodbye, then closes: exit within 2 s.
+            awaitQuietly(finished, LEAVE_TIMEOUT_MS + 500);
         }
-        leave();
-        awaitQuietly(ended, LEAVE_TIMEOUT_MS);
-        Runtime.getRuntime().halt(0);
+        // halt(), not a return: after a signal the JVM would exit 128 + the signal's number.
+        Runtime.getRuntime().halt(exitStatus);
     }
 
     private void send(String text) throws IOException {

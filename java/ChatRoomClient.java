@@ -1,5 +1,6 @@
 import java.io.BufferedReader;
 import java.io.ByteArrayOutputStream;
+import java.io.Console;
 import java.io.IOException;
 import java.io.InputStream;
 import java.io.InputStreamReader;
@@ -48,6 +49,8 @@ public final class ChatRoomClient {
     private final OutputStream out;
     private final PrintStream stdout =
             new PrintStream(System.out, true, StandardCharsets.UTF_8);
+    // Someone types on this terminal while lines arrive, so each line starts a row of its own.
+    private final boolean onTerminal = isTerminal();
     private final CountDownLatch changed = new CountDownLatch(1); // leaving or ended
     private final CountDownLatch ended = new CountDownLatch(1); // the stream ended
     private final CountDownLatch finished = new CountDownLatch(1); // run() is done: exitStatus set
@@ -266,7 +269,29 @@ public final class ChatRoomClient {
     }
 
     private void show(String text) {
-        stdout.println(text);
+        if (onTerminal) {
+            // The terminal echoes what is typed on the cursor's row, and this process sees none
+            // of it before Enter: a line break first keeps a line from gluing onto it.
+            stdout.print("\r\n" + text + "\n");
+        } else {
+            stdout.println(text);
+        }
+    }
+
+    /** True if stdin and stdout are a terminal (System.console() says so before Java 22). */
+    static boolean isTerminal() {
+        Console console = System.console();
+        if (console == null) {
+            return false;
+        }
+        try {
+            // Java 22 gives a console on pipes too, and Console.isTerminal() to tell them apart.
+            return (Boolean) Console.class.getMethod("isTerminal").invoke(console);
+        } catch (NoSuchMethodException e) {
+            return true;
+        } catch (ReflectiveOperationException e) {
+            throw new IllegalStateException("Console.isTerminal() is public and takes nothing", e);
+        }
     }
 
     /** A line's text: invalid UTF-8 as U+FFFD, a final "\r" dropped, then made safe. */

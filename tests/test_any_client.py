@@ -232,6 +232,29 @@ def test_joining_chatting_and_leaving_with_telnet_on_a_terminal(room: Room, serv
         telnet.close()
 
 
+def test_a_line_arriving_while_you_type_in_the_java_client_starts_a_row_of_its_own(
+    room: Room, server: Server, java_client: list[str]
+) -> None:
+    [member] = room.joined_members(server.port, 1)
+    java = PseudoTerminal([*java_client, "--port", str(server.port)])
+    try:
+        java.expect("* Welcome, ")
+        java_id = java.expect(". Others here")
+        assert member.read_line() == f"* {java_id} joined"
+        java.type("hel")
+        java.expect("hel")  # the terminal echoed it: it sits on the cursor's row
+        member.say("hi there")
+        between = java.expect(f"[{member.member_id}] hi there")
+        assert between.replace("\r", "") == "\n", "glued onto the typed text"
+        java.type("lo\r")
+        assert member.read_line() == f"[{java_id}] hello"
+        java.type("!Quit\r")
+        java.expect(f"* Goodbye, {java_id}")
+        assert java.proc.wait(WAIT_SECONDS) == 0
+    finally:
+        java.close()
+
+
 # IPv6
 
 

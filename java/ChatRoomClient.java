@@ -15,6 +15,8 @@ import java.nio.charset.CharsetDecoder;
 import java.nio.charset.CharacterCodingException;
 import java.nio.charset.CodingErrorAction;
 import java.nio.charset.StandardCharsets;
+import java.util.ArrayList;
+import java.util.List;
 import java.util.concurrent.CountDownLatch;
 import java.util.concurrent.TimeUnit;
 
@@ -26,7 +28,9 @@ import java.util.concurrent.TimeUnit;
  * <p>The receiver thread is the only reader of the socket and the only writer to stdout; the
  * input thread is the only reader of stdin. The main thread waits for either to end the
  * session and prints the one closing line on stderr. Ctrl-C, SIGTERM and SIGHUP leave the room
- * the way !Quit does (a shutdown hook).
+ * the way !Quit does (a shutdown hook). On a terminal, each line received starts a row of its
+ * own and is wrapped to the terminal's width with every later row indented; piped, lines are
+ * printed as received.
  */
 public final class ChatRoomClient {
     static final String PROG = "chatroom-client";
@@ -45,6 +49,23 @@ public final class ChatRoomClient {
     static final String BIDI_CONTROLS =
             "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069";
 
+    // Every row a received line wraps onto starts with this, so no row but a line's first
+    // starts where a line does: padding to the width cannot fake a notice or someone's line.
+    static final String CONTINUATION_INDENT = "  ";
+    // The width of a terminal that tells none: the VT100's.
+    static final int DEFAULT_COLUMNS = 80;
+    // The width is read again at most this often, so a resized terminal is followed.
+    static final long COLUMNS_MAX_AGE_NS = TimeUnit.SECONDS.toNanos(1);
+    // Characters a terminal gives two columns: first and last code point of each run, covering
+    // every East Asian Wide and Fullwidth character of Unicode 14. Runs are merged over unassigned
+    // code points and symbols: a narrow character counted as two only ends a row early, but a
+    // wide one counted as one would let the terminal wrap the row itself, unindented.
+    static final int[] WIDE = {
+        0x1100, 0x115F, 0x231A, 0x23F3, 0x25FD, 0x27BF, 0x2B1B, 0x2B55, 0x2E80, 0xA4CF,
+        0xA960, 0xA97F, 0xAC00, 0xD7A3, 0xF900, 0xFAFF, 0xFE10, 0xFE6F, 0xFF00, 0xFF60,
+        0xFFE0, 0xFFE6, 0x16FE0, 0x18DFF, 0x1AFF0, 0x1B2FF, 0x1F004, 0x1FAFF, 0x20000, 0x3FFFD,
+    };
+
     private final Socket socket;
     private final OutputStream out;
     private final PrintStream stdout =
@@ -55,6 +76,8 @@ public final class ChatRoomClient {
     private final CountDownLatch ended = new CountDownLatch(1); // the stream ended
     private final CountDownLatch finished = new CountDownLatch(1); // run() is done: exitStatus set
     private volatile int exitStatus; // the session's exit status, once finished is open
+    private int columns; // the terminal's width as last read (receiver thread only)
+    private long columnsReadAt; // System.nanoTime() when it was read
     private volatile boolean leaving; // the user asked to leave and !Quit went out
     private volatile String failure; // why the session ended, if the user did not end it
 
@@ -272,10 +295,97 @@ public final class ChatRoomClient {
         if (onTerminal) {
             // The terminal echoes what is typed on the cursor's row, and this process sees none
             // of it before Enter: a line break first keeps a line from gluing onto it.
-            stdout.print("\r\n" + text + "\n");
+            stdout.print("\r\n" + String.join("\r\n", wrap(text, columns())) + "\r\n");
         } else {
             stdout.println(text);
         }
+    }
+
+    private int columns() {
+        long now = System.nanoTime();
+        if (columns == 0 || now - columnsReadAt > COLUMNS_MAX_AGE_NS) {
+            columns = terminalColumns();
+            columnsReadAt = now;
+        }
+        return columns;
+    }
+
+    /** The terminal's width: $COLUMNS, else what stty says of it, else 80. */
+    static int terminalColumns() {
+        int fromEnvironment = positiveNumber(System.getenv("COLUMNS"));
+        if (fromEnvironment > 0) {
+            return fromEnvironment;
+        }
+        int fromStty = sttyColumns();
+        return fromStty > 0 ? fromStty : DEFAULT_COLUMNS;
+    }
+
+    /**
+     * The width stty reports for the terminal, or 0 if it cannot tell. It is asked about our
+     * stdin, the terminal (see isTerminal), rather than /dev/tty: a process can have a terminal
+     * on stdin and stdout and no controlling terminal at all.
+     */
+    static int sttyColumns() {
+        try {
+            Process stty = new ProcessBuilder("stty", "size")
+                    .redirectInput(ProcessBuilder.Redirect.INHERIT)
+                    .redirectError(ProcessBuilder.Redirect.DISCARD)
+                    .start();
+            // "ROWS COLUMNS"; "0 0" from a terminal that was never given a size
+            String[] size = new String(stty.getInputStream().readAllBytes(),
+                    StandardCharsets.US_ASCII).strip().split(" ");
+            return stty.waitFor() == 0 && size.length == 2 ? positiveNumber(size[1]) : 0;
+        } catch (IOException e) {
+            return 0; // no stty to run
+        } catch (InterruptedException e) {
+            Thread.currentThread().interrupt();
+            return 0;
+        }
+    }
+
+    /** The text as a whole number above 0, or 0 if it is none. */
+    static int positiveNumber(String text) {
+        try {
+            return text == null ? 0 : Math.max(0, Integer.parseInt(text.strip()));
+        } catch (NumberFormatException e) {
+            return 0;
+        }
+    }
+
+    /**
+     * The text in rows of at most width columns, every row after the first starting with
+     * CONTINUATION_INDENT. Each row takes at least one character, however narrow the terminal.
+     */
+    static List<String> wrap(String text, int width) {
+        List<String> rows = new ArrayList<>();
+        StringBuilder row = new StringBuilder();
+        int used = 0; // columns the row takes so far
+        int i = 0;
+        while (i < text.length()) {
+            int codePoint = text.codePointAt(i);
+            i += Character.charCount(codePoint);
+            int wide = columnsOf(codePoint);
+            if (row.length() > 0 && used + wide > width) { // a row takes one character at least
+                rows.add(row.toString());
+                row.setLength(0);
+                row.append(CONTINUATION_INDENT);
+                used = CONTINUATION_INDENT.length();
+            }
+            row.appendCodePoint(codePoint);
+            used += wide;
+        }
+        rows.add(row.toString());
+        return rows;
+    }
+
+    /** Columns a terminal gives the character: 2 if East Asian wide (see WIDE), else 1. */
+    static int columnsOf(int codePoint) {
+        for (int i = 0; i < WIDE.length && codePoint >= WIDE[i]; i += 2) {
+            if (codePoint <= WIDE[i + 1]) {
+                return 2;
+            }
+        }
+        return 1;
     }
 
     /** True if stdin and stdout are a terminal (System.console() says so before Java 22). */

@@ -3,14 +3,18 @@ processes against the real server; and IPv6."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
 import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
+import termios
 import time
+import unicodedata
 
 import pytest
 
@@ -175,10 +179,14 @@ def test_joining_chatting_and_leaving_with_a_plain_tcp_tool(
 class PseudoTerminal:
     """A program on a pseudo-terminal, as a person at a keyboard would run it."""
 
-    def __init__(self, command: list[str]) -> None:
+    def __init__(
+        self, command: list[str], env: dict[str, str] | None = None, columns: int = 0
+    ) -> None:
         self._master, slave = pty.openpty()
+        if columns:  # else the terminal tells no size: 0 rows, 0 columns
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
         self.proc = subprocess.Popen(
-            command, stdin=slave, stdout=slave, stderr=slave, start_new_session=True
+            command, stdin=slave, stdout=slave, stderr=slave, start_new_session=True, env=env
         )
         os.close(slave)
         self.screen = ""  # everything the program wrote
@@ -251,6 +259,56 @@ def test_a_line_arriving_while_you_type_in_the_java_client_starts_a_row_of_its_o
         java.type("!Quit\r")
         java.expect(f"* Goodbye, {java_id}")
         assert java.proc.wait(WAIT_SECONDS) == 0
+    finally:
+        java.close()
+
+
+def columns(text: str) -> int:
+    """The columns a terminal gives text: two for each East Asian wide character."""
+    return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
+
+
+# The width comes from $COLUMNS first (the terminal says 100 here), else from the terminal.
+WIDTHS = [({"COLUMNS": "80"}, 100, 80), ({}, 60, 60)]
+
+
+@pytest.mark.parametrize(("variables", "terminal_width", "width"), WIDTHS, ids=["COLUMNS", "tty"])
+@pytest.mark.parametrize("filler", [" ", "漢"])
+def test_the_java_client_on_a_terminal_indents_every_row_a_line_wraps_onto(
+    room: Room,
+    server: Server,
+    java_client: list[str],
+    filler: str,
+    variables: dict[str, str],
+    terminal_width: int,
+    width: int,
+) -> None:
+    # A member pads its line to the reader's width so that a fake notice would start a row of
+    # its own, as if the server had sent it: on the terminal it must start indented instead.
+    [member] = room.joined_members(server.port, 1)
+    environment = {name: value for name, value in os.environ.items() if name != "COLUMNS"}
+    java = PseudoTerminal(
+        [*java_client, "--port", str(server.port)],
+        env={**environment, **variables},
+        columns=terminal_width,
+    )
+    try:
+        java.expect("* Welcome, ")
+        java_id = java.expect(". Others here")
+        java.expect(": 1")
+        assert member.read_line() == f"* {java_id} joined"
+        prefix = f"[{member.member_id}] "
+        text = filler * ((width - len(prefix)) // columns(filler)) + "* friend left (quit)"
+        text += " and more" * 20  # and a third row
+        member.say(text)
+        member.say("done")
+        rows = java.expect(f"{prefix}done").replace("\r", "").split("\n")
+        first, *rest = [row for row in rows if row]
+        assert first.startswith(prefix)
+        assert len(rest) >= 2
+        assert all(row.startswith("  ") for row in rest), rows
+        assert all(columns(row) <= width for row in [first, *rest]), rows
+        assert first + "".join(row[2:] for row in rest) == prefix + text
     finally:
         java.close()
 

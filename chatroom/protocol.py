@@ -7,6 +7,7 @@ show on a terminal. Nothing here touches a socket, a thread or a terminal (see P
 
 from __future__ import annotations
 
+import codecs
 import re
 from dataclasses import dataclass
 from typing import Union
@@ -121,23 +122,33 @@ class LineBuffer:
 
 _HTTP_REQUEST = re.compile(rb"[A-Z]{3,7} \S+ HTTP/\d")
 _TELNET_IAC = 0xFF  # a telnet client may open with option negotiation: not a foreign protocol
+# How much of a connection's opening is looked at for binary: a protocol's header fits in it.
+_OPENING_BYTES = 64
+# What is not text, once decoded with "surrogateescape" (which turns each byte of invalid
+# UTF-8 into one of U+DC80-U+DCFF): a control byte other than tab, LF and CR, DEL, bad UTF-8.
+_NOT_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\udc80-\udcff]")
 
 
 def looks_like_another_protocol(first_bytes: bytes) -> bool:
-    """True if a connection's first bytes are a TLS handshake, an HTTP request, an SSH banner,
-    or binary (a NUL, or invalid UTF-8): a client that will never speak this protocol."""
+    """True if a connection's first bytes carry the signature of another protocol, whose client
+    will never speak this one: a TLS handshake record (16 03), an HTTP request line, an SSH
+    banner, or binary. Binary means, in the first 64 bytes: a NUL before the first b"\\n" (a
+    chat client's first line is a command, and NUL-filled headers are what binary protocols
+    open with), or more than half the bytes not text (control bytes other than tab, LF and CR,
+    DEL, invalid UTF-8). A telnet client's option negotiation (IAC, 0xFF) is not a signature,
+    and neither is one bad byte in a line of text: it becomes U+FFFD, wherever it falls."""
     if first_bytes[:2] == b"\x16\x03" or first_bytes.startswith(b"SSH-"):
         return True
-    if _HTTP_REQUEST.match(first_bytes) or b"\x00" in first_bytes:
+    if _HTTP_REQUEST.match(first_bytes):
         return True
     if first_bytes[:1] == bytes([_TELNET_IAC]):
         return False
-    try:
-        first_bytes.decode(ENCODING)
-    except UnicodeDecodeError as exc:
-        # A character cut at the end of the read is not an error: the rest is on its way.
-        return exc.reason != "unexpected end of data"
-    return False
+    opening = first_bytes[:_OPENING_BYTES]
+    if b"\x00" in opening.split(b"\n", 1)[0]:
+        return True
+    # final=False: a character cut at the end is not bad UTF-8, the rest is on its way.
+    text = codecs.getincrementaldecoder(ENCODING)("surrogateescape").decode(opening, final=False)
+    return 2 * len(_NOT_TEXT.findall(text)) > len(opening)
 
 
 @dataclass(frozen=True)

@@ -283,8 +283,12 @@ def test_a_chat_line_shows_the_real_sender_before_any_forged_tag() -> None:
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
         b"POST /api HTTP/1.0\r\n",
         b"SSH-2.0-OpenSSH_9.6\r\n",
-        b"!Join\x00\n",
-        b"hello \xc0\x80 world\n",  # an overlong encoding: not UTF-8
+        b"!Join\x00\n",  # a NUL in the first line
+        b"\x00\x00\x00\x08\x04\xd2\x16\x2f",  # PostgreSQL's SSLRequest
+        b"\x13BitTorrent protocol\x00\x00\x00\x00\x00\x10\x00\x05",  # a BitTorrent handshake
+        b"\x05\x01\x01",  # a SOCKS 5 greeting: all control bytes
+        b"\x01\x02\x03\n" * 16,  # more than half control bytes
+        b"x" + b"\x80\x81\x82" * 11 + b"x" * 30,  # more than half invalid UTF-8
     ],
 )
 def test_another_protocol_is_recognised_by_its_first_bytes(opening: bytes) -> None:
@@ -298,12 +302,26 @@ def test_another_protocol_is_recognised_by_its_first_bytes(opening: bytes) -> No
         b"!Join\nhello there\n",
         "!Join\nhé".encode()[:-1],  # a character cut by the read, not invalid
         b"\xff\xfd\x18\xff\xfb\x1f!Join\r\n",  # telnet option negotiation first
+        b"\xff\xfa\x1f\x00\x50\x00\x18\xff\xf0!Join\r\n",  # telnet's window size: NULs
         b"GET me a coffee\n",  # a chat line that only starts like HTTP
         b"hello",
+        b"!Join\ncaf\xe9\n",  # one byte of Latin-1 in a line of text
+        b"hello \xc0\x80 world\n",  # an overlong encoding in a line of text
+        b"!Join\nJ'aime le caf\xe9 cr\xe8me br\xfbl\xe9e\n",  # a Latin-1 terminal
+        b"!Join\nhi\x00 there\n",  # a NUL after the first line
+        "!Join\n漢字かな 👋".encode() * 8,  # bytes over 0x7F, all valid UTF-8
+        b"\x1b[A\x1b[A!Join\n",  # arrow keys typed into nc first
     ],
 )
 def test_a_chat_client_is_not_taken_for_another_protocol(opening: bytes) -> None:
     assert not protocol.looks_like_another_protocol(opening)
+
+
+@pytest.mark.parametrize("not_text", [b"\x01", b"\x7f", b"\x80"])
+def test_binary_is_more_than_half_of_the_first_64_bytes_not_text(not_text: bytes) -> None:
+    assert protocol.looks_like_another_protocol(b"x" + not_text * 33 + b"x" * 30)
+    assert not protocol.looks_like_another_protocol(b"x" + not_text * 32 + b"x" * 31)
+    assert not protocol.looks_like_another_protocol(b"x" * 64 + not_text * 1000)
 
 
 @given(

@@ -421,11 +421,9 @@ def test_an_error_while_delivering_to_one_member_drops_that_member_only(
     talker.say("after")
     room.settle()
     heard = {member.member_id: member.lines() for member in (first, second, third)}
-    [failed] = [
-        member for member, lines in heard.items() if f"[{talker.member_id}] boom" not in lines
-    ]
-    for member, lines in heard.items():
-        if member != failed:
+    [failed] = [peer for peer, lines in heard.items() if f"[{talker.member_id}] boom" not in lines]
+    for peer, lines in heard.items():
+        if peer != failed:
             assert lines == [
                 f"[{talker.member_id}] boom",
                 f"* {failed} left (server error)",

@@ -18,6 +18,10 @@ from chatroom.limits import Limits, TokenBucket
 # limit plus this, and one fast sender cannot hold the loop for long.
 RECV_SIZE = 65536
 
+# How long a new connection may stay silent before it is told how to join: past the moment a
+# TLS or HTTP client sends its first bytes, and a blink for a person at nc.
+HINT_SECONDS = 1.0
+
 
 class Codec(Protocol):
     """Bytes from the peer in, lines out; lines for the peer in, bytes out."""
@@ -59,6 +63,7 @@ class Deadline(enum.Enum):
     """What is due when one of a connection's clocks runs out."""
 
     LEAVE = "its last line not taken, or no end of stream, in time"
+    HINT = "silent since it connected: tell it how to join"
     RESUME_INPUT = "its flood-control pause is over"
     JOIN = "it did not join in time"
     LINE = "a line unfinished too long"
@@ -89,6 +94,9 @@ class Connection:
             TokenBucket(limits.flood_rate, limits.flood_burst, now) if limits.flood_rate else None
         )
         self.join_by: float | None = now + limits.join_timeout  # None once it has joined
+        # A newcomer that says nothing is probably a person at nc: tell it how to join. Not at
+        # once, since other protocols that share the port speak first (sslh waits the same way).
+        self.hint_at: float | None = now + HINT_SECONDS
         self.heard_from = False  # sent a byte; its first bytes are checked for another protocol
         self.reading = True  # EVENT_READ registered; off while its input waits for a turn
         self.watching_writes = False  # EVENT_WRITE registered: the outbox did not drain
@@ -183,6 +191,7 @@ class Connection:
             return None  # its end is decided: the LEAVE deadline starts once its lines are out
         limits = self._limits
         candidates = [
+            (self.hint_at, Deadline.HINT),
             (self.input_paused_until, Deadline.RESUME_INPUT),
             (self.join_by, Deadline.JOIN),
             (_after(self.partial_line_since, limits.line_timeout), Deadline.LINE),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import codecs
 import re
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Union
 
@@ -25,6 +27,12 @@ MAX_SERVER_LINE = 65536
 
 JOIN = "!Join"
 QUIT = "!Quit"
+COMMAND_PREFIX = "/"
+
+# A name: 1 to 16 ASCII letters, digits, "_" or "-", a letter first. ASCII only, so no name is
+# a lookalike of another in some other script; no ".", ":", "[", space or "@", so none looks
+# like an address, a notice or a tag.
+NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,15}\Z")
 
 ERROR_PREFIX = "ERROR :"
 ERROR_NOT_JOINED = f"Join first: send {JOIN}"
@@ -35,6 +43,34 @@ ERROR_PER_IP = "Too many connections from your address"
 ERROR_JOIN_TIMEOUT = "Join timeout"
 ERROR_LINE_TIMEOUT = "Timeout: incomplete line"
 ERROR_WRONG_PROTOCOL = f"Wrong protocol: this is a chat server, send {JOIN}"
+ERROR_INVALID_NAME = "Invalid name: 1 to 16 ASCII letters, digits, _ or -, a letter first"
+USAGE_NICK = "Usage: /nick NAME"
+USAGE_MSG = "Usage: /msg TARGET TEXT (TARGET: a name or IP:PORT)"
+USAGE_ME = "Usage: /me TEXT"
+
+# How much of a peer's own word an error quotes back: enough to recognise it, never a flood.
+_QUOTED = 32
+
+
+def _quoted(word: str) -> str:
+    return word if len(word) <= _QUOTED else word[: _QUOTED - 1] + "\u2026"
+
+
+def name_taken_error(name: str) -> str:
+    return f"Name taken: {name}"
+
+
+def rename_too_soon_error(seconds: float) -> str:
+    return f"Name changed too recently: wait {max(1, round(seconds))} s"
+
+
+def no_such_member_error(target: str) -> str:
+    return f"No such member: {_quoted(target)} (/who lists them)"
+
+
+def unknown_command_error(word: str) -> str:
+    command = COMMAND_PREFIX + _quoted(word)
+    return f"Unknown command {command}: /help lists them; /{command} sends a line starting /"
 
 
 def server_full_error(max_members: int) -> str:
@@ -153,7 +189,9 @@ def looks_like_another_protocol(first_bytes: bytes) -> bool:
 
 @dataclass(frozen=True)
 class Join:
-    """The sender asks to enter the room."""
+    """The sender asks to enter the room, under a name if it gives one."""
+
+    name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -173,7 +211,47 @@ class Blank:
     """A line with nothing to say: ignored, never broadcast."""
 
 
-Command = Union[Join, Quit, Say, Blank]
+@dataclass(frozen=True)
+class Nick:
+    """/nick NAME: the sender takes a name, or changes it."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Who:
+    """/who or /names: who is here, for the sender alone."""
+
+
+@dataclass(frozen=True)
+class Msg:
+    """/msg TARGET TEXT: a private message to one member, named or by IP:PORT."""
+
+    target: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Me:
+    """/me TEXT: an action, for every other member."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Help:
+    """/help: the commands, one line each, for the sender alone."""
+
+
+@dataclass(frozen=True)
+class BadCommand:
+    """A line that starts with / but is no command, or a command used wrongly: it is never
+    broadcast, and the sender is told why."""
+
+    error: str
+
+
+Command = Union[Join, Quit, Say, Blank, Nick, Who, Msg, Me, Help, BadCommand]
 
 
 def strip_telnet_commands(line: bytes) -> bytes:
@@ -217,14 +295,39 @@ def parse_client_line(line: bytes) -> Command:
     if b"\xff" in line:
         line = strip_telnet_commands(line)
     text = decode_line(line)
-    word = text.strip()
-    if word.lower() == JOIN.lower():
-        return Join()
-    if word.lower() == QUIT.lower():
-        return Quit()
-    if not word:
+    if text[:1] == COMMAND_PREFIX:
+        return _parse_slash_command(text)
+    words = text.split(None, 1)
+    if not words:
         return Blank()
+    first = words[0].lower()
+    if first == JOIN.lower():
+        return Join(words[1].strip() if len(words) == 2 else None)
+    if first == QUIT.lower() and len(words) == 1:
+        return Quit()
     return Say(text)
+
+
+def _parse_slash_command(text: str) -> Command:
+    if text.startswith(COMMAND_PREFIX * 2):
+        return Say(text[1:])  # "//text" says "/text"
+    words = text[1:].split(None, 2)
+    word = words[0].lower() if words else ""
+    arguments = words[1:]
+    if word in ("who", "names"):
+        return Who()
+    if word == "help":
+        return Help()
+    if word == "quit":
+        return Quit()
+    if word == "nick":
+        return Nick(arguments[0]) if len(arguments) == 1 else BadCommand(USAGE_NICK)
+    if word == "msg":
+        return Msg(*arguments) if len(arguments) == 2 else BadCommand(USAGE_MSG)
+    if word == "me":
+        action = text[1:].split(None, 1)
+        return Me(action[1]) if len(action) == 2 else BadCommand(USAGE_ME)
+    return BadCommand(unknown_command_error(word))
 
 
 def encode_client_line(text: str) -> bytes:
@@ -269,6 +372,12 @@ def format_member_id(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+def member_label(member_id: str, name: str | None) -> str:
+    """How every line names a member: "NAME@IP:PORT" once it has a name, else its "IP:PORT".
+    The address is always there, so a name can never pass for someone else."""
+    return member_id if name is None else f"{name}@{member_id}"
+
+
 def _server_line(text: str) -> bytes:
     return text.encode(ENCODING) + b"\n"
 
@@ -295,3 +404,77 @@ def chat_line(member_id: str, text: str) -> bytes:
 
 def error_line(text: str) -> bytes:
     return _server_line(ERROR_PREFIX + text)
+
+
+def renamed_line(old_label: str, new_label: str) -> bytes:
+    return _server_line(f"* {old_label} is now {new_label}")
+
+
+def named_line(label: str) -> bytes:
+    """To the member that took a name."""
+    return _server_line(f"* You are now {label}")
+
+
+# The most a /who reply holds, so that a room of 10,000 costs one bounded line.
+WHO_MAX_BYTES = 2048
+
+
+def who_line(labels: Iterable[str], count: int) -> bytes:
+    """Who is here: "* N here: A, B, C", with as many labels (ASCII, like the rest of the
+    line) as fit WHO_MAX_BYTES and ", and K more" for the rest."""
+    head = f"* {count} here: "
+    shown: list[str] = []
+    size = len(head)
+    for label in labels:
+        rest = f", and {count - len(shown)} more"
+        if size + len(label) + len(rest) + 2 > WHO_MAX_BYTES:
+            return _server_line(head + ", ".join(shown) + rest)
+        shown.append(label)
+        size += len(label) + 2
+    return _server_line(head + ", ".join(shown))
+
+
+def private_line(sender_label: str, text: str) -> bytes:
+    """A private message, as its target sees it: the mark is inside the tag the server
+    writes, where no member's text can reach."""
+    return _server_line(f"[{sender_label} (private)] {text}")
+
+
+def private_sent_line(target_label: str, text: str) -> bytes:
+    """What the sender of a private message is told."""
+    return _server_line(f"* Private to {target_label}: {text}")
+
+
+def action_line(label: str, text: str) -> bytes:
+    """/me: a line that starts with its sender's tag, so it never reads as a notice."""
+    return _server_line(f"[{label}] * {text}")
+
+
+def history_start_line(count: int) -> bytes:
+    return _server_line(f"* History: {count} line{'s' if count != 1 else ''} said before you came")
+
+
+def history_line(said_at: float, line: bytes) -> bytes:
+    """A line said before the newcomer came, with the time it was said (the server's local
+    time, HH:MM) in front."""
+    return f"[{time.strftime('%H:%M', time.localtime(said_at))}] ".encode() + line
+
+
+HISTORY_END_LINE = _server_line("* End of history")
+
+HINT_LINE = _server_line(
+    f"* This is a chat room: send {JOIN} (or {JOIN} NAME) to enter,"
+    f" /help for the commands, {QUIT} to leave"
+)
+
+HELP_LINES = [
+    _server_line(f"* {usage}")
+    for usage in (
+        "/nick NAME: take a name, or change it (1-16 letters, digits, _ or -)",
+        "/who (or /names): who is here",
+        "/msg TARGET TEXT: a private message to one member (a name or IP:PORT)",
+        "/me TEXT: an action, shown as [you] * TEXT",
+        "//TEXT: say a line that starts with /",
+        f"/quit (or {QUIT}): leave",
+    )
+]

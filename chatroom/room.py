@@ -11,6 +11,7 @@ has not joined is a visitor, who may join, quit or be told to join first.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import NamedTuple, Union
 
 from chatroom import protocol
@@ -54,57 +55,198 @@ class Disconnect(NamedTuple):
 Output = Union[ToPeer, ToMembers, Joined, Left, Disconnect]
 
 
-class Room:
-    """The members in the order they joined, and the rules that change them."""
+# How many lines of history a newcomer gets by default, and the most bytes they may take, so
+# the replay never comes near a member's output limits (--sendq-soft is 256 KiB).
+HISTORY_LINES = 20
+HISTORY_BYTES = 64 * 1024
 
-    def __init__(self) -> None:
-        self._joined_at: dict[str, float] = {}  # member → when it joined; dicts keep join order
+# A member may change its name once in this long, so nobody floods the room with renames.
+RENAME_INTERVAL_SECONDS = 10.0
+
+
+class Member:
+    """One member's standing in the room."""
+
+    __slots__ = ("label", "name", "renamed_at")
+
+    def __init__(self, member_id: str) -> None:
+        self.name: str | None = None  # None until it takes one
+        self.label = member_id  # how every line names it: protocol.member_label
+        self.renamed_at: float | None = None  # when it last took a name
+
+
+class Room:
+    """The members in the order they joined, their names, the room's recent history, and
+    the rules that change them. Times are the wall clock's (they are shown in history)."""
+
+    def __init__(
+        self, history_lines: int = HISTORY_LINES, history_bytes: int = HISTORY_BYTES
+    ) -> None:
+        self._members: dict[str, Member] = {}  # by IP:PORT; dicts keep join order
+        self._names: dict[str, str] = {}  # lower-cased name → its member's IP:PORT
+        self._history: deque[tuple[float, bytes]] = deque(maxlen=history_lines or 1)
+        self._history_on = history_lines > 0
+        self._history_bytes = 0  # the bytes of the lines in _history
+        self._history_limit = history_bytes
 
     def __len__(self) -> int:
-        return len(self._joined_at)
+        return len(self._members)
 
     def __contains__(self, peer: object) -> bool:
-        return peer in self._joined_at
+        return peer in self._members
 
     def members(self) -> list[str]:
         """Every member, in the order they joined."""
-        return list(self._joined_at)
+        return list(self._members)
+
+    def label_of(self, member: str) -> str:
+        return self._members[member].label
 
     def handle(self, peer: str, command: protocol.Command, now: float) -> list[Output]:
         """What the room does when a peer, joined or not, sends a command."""
         if isinstance(command, protocol.Say):
-            return self._say(peer, command.text)
+            return self._say(peer, command.text, now)
         if isinstance(command, protocol.Join):
-            return self._join(peer, now)
+            return self._join(peer, command.name, now)
         if isinstance(command, protocol.Quit):
             return self._quit(peer)
-        return []  # a blank line says nothing
+        if isinstance(command, protocol.Help):
+            return [ToPeer(peer, line) for line in protocol.HELP_LINES]
+        if isinstance(command, protocol.BadCommand):
+            return _error(peer, command.error)
+        if isinstance(command, protocol.Blank):
+            return []
+        member = self._members.get(peer)
+        if member is None:
+            return _error(peer, protocol.ERROR_NOT_JOINED)
+        if isinstance(command, protocol.Nick):
+            return self._rename(peer, member, command.name, now)
+        if isinstance(command, protocol.Who):
+            return self._who(peer)
+        if isinstance(command, protocol.Msg):
+            return self._message(peer, member, command.target, command.text)
+        return self._act(peer, member, command.text, now)
 
     def leave(self, peer: str, reason: str) -> list[Output]:
         """The peer is gone (its connection closed, failed or was cut): the one place a leave
-        notice comes from. A visitor leaves without a word."""
-        if peer not in self._joined_at:
+        notice comes from. A visitor leaves without a word, and its name is free again."""
+        member = self._members.pop(peer, None)
+        if member is None:
             return []
-        del self._joined_at[peer]
-        notice = protocol.left_line(peer, reason)
-        return [ToMembers(notice, sender=peer), Left(peer, reason, len(self._joined_at))]
+        if member.name is not None:
+            del self._names[member.name.lower()]
+        notice = protocol.left_line(member.label, reason)
+        return [ToMembers(notice, sender=peer), Left(peer, reason, len(self._members))]
 
-    def _join(self, peer: str, now: float) -> list[Output]:
-        if peer in self._joined_at:
-            return [ToPeer(peer, protocol.error_line(protocol.ERROR_ALREADY_JOINED))]
-        welcome = protocol.welcome_line(peer, len(self._joined_at))
-        self._joined_at[peer] = now
+    def _join(self, peer: str, name: str | None, now: float) -> list[Output]:
+        if peer in self._members:
+            return _error(peer, protocol.ERROR_ALREADY_JOINED)
+        refusal = None if name is None else self._refusal_of_name(name)
+        if refusal is not None:
+            return _error(peer, refusal)
+        member = Member(peer)
+        if name is not None:
+            self._take_name(peer, member, name, now)
+        welcome = protocol.welcome_line(member.label, len(self._members))
+        self._members[peer] = member
         return [
             ToPeer(peer, welcome),
-            ToMembers(protocol.joined_line(peer), sender=peer),
-            Joined(peer, len(self._joined_at)),
+            *self._replay_history(peer),
+            ToMembers(protocol.joined_line(member.label), sender=peer),
+            Joined(peer, len(self._members)),
+        ]
+
+    def _replay_history(self, peer: str) -> list[Output]:
+        if not self._history_on or not self._history:
+            return []
+        return [
+            ToPeer(peer, protocol.history_start_line(len(self._history))),
+            *(
+                ToPeer(peer, protocol.history_line(said_at, line))
+                for said_at, line in self._history
+            ),
+            ToPeer(peer, protocol.HISTORY_END_LINE),
         ]
 
     def _quit(self, peer: str) -> list[Output]:
-        goodbye = ToPeer(peer, protocol.goodbye_line(peer))
+        member = self._members.get(peer)
+        goodbye = ToPeer(peer, protocol.goodbye_line(peer if member is None else member.label))
         return [goodbye, *self.leave(peer, protocol.REASON_QUIT), Disconnect(peer)]
 
-    def _say(self, peer: str, text: str) -> list[Output]:
-        if peer not in self._joined_at:
-            return [ToPeer(peer, protocol.error_line(protocol.ERROR_NOT_JOINED))]
-        return [ToMembers(protocol.chat_line(peer, text), sender=peer)]
+    def _say(self, peer: str, text: str, now: float) -> list[Output]:
+        member = self._members.get(peer)
+        if member is None:
+            return _error(peer, protocol.ERROR_NOT_JOINED)
+        return self._to_room(peer, protocol.chat_line(member.label, text), now)
+
+    def _act(self, peer: str, member: Member, text: str, now: float) -> list[Output]:
+        return self._to_room(peer, protocol.action_line(member.label, text), now)
+
+    def _to_room(self, peer: str, line: bytes, now: float) -> list[Output]:
+        """A line said to the room: to every other member, and into the history."""
+        if self._history_on:
+            self._remember(line, now)
+        return [ToMembers(line, sender=peer)]
+
+    def _remember(self, line: bytes, now: float) -> None:
+        history = self._history
+        if len(history) == history.maxlen:
+            self._history_bytes -= len(history[0][1])
+        history.append((now, line))
+        self._history_bytes += len(line)
+        while self._history_bytes > self._history_limit:
+            self._history_bytes -= len(history.popleft()[1])
+
+    def _rename(self, peer: str, member: Member, name: str, now: float) -> list[Output]:
+        refusal = self._refusal_of_name(name, member)
+        if refusal is None and member.renamed_at is not None:
+            wait = member.renamed_at + RENAME_INTERVAL_SECONDS - now
+            if wait > 0:
+                refusal = protocol.rename_too_soon_error(wait)
+        if refusal is not None:
+            return _error(peer, refusal)
+        old_label = member.label
+        self._take_name(peer, member, name, now)
+        return [
+            ToPeer(peer, protocol.named_line(member.label)),
+            ToMembers(protocol.renamed_line(old_label, member.label), sender=peer),
+        ]
+
+    def _refusal_of_name(self, name: str, member: Member | None = None) -> str | None:
+        if not protocol.NAME_PATTERN.match(name):
+            return protocol.ERROR_INVALID_NAME
+        holder = self._names.get(name.lower())
+        if holder is not None and self._members.get(holder) is not member:
+            return protocol.name_taken_error(name)
+        return None
+
+    def _take_name(self, peer: str, member: Member, name: str, now: float) -> None:
+        if member.name is not None:
+            del self._names[member.name.lower()]
+        self._names[name.lower()] = peer
+        member.name = name
+        member.label = protocol.member_label(peer, name)
+        member.renamed_at = now
+
+    def _who(self, peer: str) -> list[Output]:
+        labels = (member.label for member in self._members.values())
+        return [ToPeer(peer, protocol.who_line(labels, len(self._members)))]
+
+    def _message(self, peer: str, member: Member, target: str, text: str) -> list[Output]:
+        to = self._find(target)
+        if to is None:
+            return _error(peer, protocol.no_such_member_error(target))
+        return [
+            ToPeer(to, protocol.private_line(member.label, text)),
+            ToPeer(peer, protocol.private_sent_line(self._members[to].label, text)),
+        ]
+
+    def _find(self, target: str) -> str | None:
+        """The member a /msg means: by name, whatever its case, or by IP:PORT."""
+        if target in self._members:
+            return target
+        return self._names.get(target.lower())
+
+
+def _error(peer: str, text: str) -> list[Output]:
+    return [ToPeer(peer, protocol.error_line(text))]

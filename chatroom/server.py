@@ -31,7 +31,7 @@ from chatroom import cli, protocol
 from chatroom.connection import RECV_SIZE, Connection, Deadline, LineCodec
 from chatroom.fanout import Fanout
 from chatroom.limits import Limits
-from chatroom.room import Joined, Left, Output, Room, ToMembers, ToPeer
+from chatroom.room import HISTORY_LINES, Joined, Left, Output, Room, ToMembers, ToPeer
 
 log = logging.getLogger("chatroom.server")
 
@@ -82,13 +82,16 @@ class ChatServer:
         listener: socket.socket,
         limits: Limits = DEFAULT_LIMITS,
         clock: Clock = time.monotonic,
+        room: Room | None = None,
+        wall_clock: Clock = time.time,
     ) -> None:
         self._listener = listener
         self._limits = limits
         self._clock = clock  # every deadline is read off this; tests pass a fake one
+        self._wall_clock = wall_clock  # what the room is told the time is: history shows it
         self.max_connections = connection_cap(limits.max_members)
         self._selector = selectors.DefaultSelector()
-        self._room = Room()
+        self._room = Room() if room is None else room
         self._fanout: Fanout[Connection] = Fanout()  # this turn's lines, in order, for whom
         # Every open peer, joined or not, in the order it came; dicts keep every order here
         # (fan-out, flushes, evictions) the same from run to run.
@@ -268,6 +271,7 @@ class ChatServer:
             )
         else:
             conn.heard_from = True
+            conn.hint_at = None
             conn.codec.receive(data)
             self._handle_lines(conn)
 
@@ -307,7 +311,7 @@ class ChatServer:
             conn.partial_line_since = None  # a line ended: any unfinished one is new
             conn.line_handled()
             command = protocol.parse_client_line(line)
-            self._act_on(self._room.handle(conn.peer_id, command, now))
+            self._act_on(self._room.handle(conn.peer_id, command, self._wall_clock()))
         self._set_interest(conn, reading=False)
         self._pending_input[conn] = None
 
@@ -587,6 +591,10 @@ class ChatServer:
         if not conn.closed:
             self._arm_next_deadline(conn)
 
+    def _hint(self, conn: Connection) -> None:
+        conn.hint_at = None
+        self._tell(conn, protocol.HINT_LINE)
+
     def _join_late(self, conn: Connection) -> None:
         why = f"no {protocol.JOIN} within {self._limits.join_timeout:g} s"
         self._close_with_error(conn, protocol.ERROR_JOIN_TIMEOUT, protocol.REASON_TIMEOUT, why)
@@ -609,6 +617,7 @@ class ChatServer:
 
     _deadline_actions: ClassVar[dict[Deadline, Callable[[ChatServer, Connection], None]]] = {
         Deadline.LEAVE: _give_up_on,
+        Deadline.HINT: _hint,
         Deadline.RESUME_INPUT: _resume_input,
         Deadline.JOIN: _join_late,
         Deadline.LINE: _line_unfinished,
@@ -719,6 +728,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         0,
         "TCP port; 0 picks a free one",
     )
+    parser.add_argument(
+        "--history",
+        type=cli.int_in_range(0, 1000),
+        default=HISTORY_LINES,
+        metavar="N",
+        help="chat lines a newcomer is shown from before it came; 0 for none (default: %(default)s)",
+    )
     limits = parser.add_argument_group("limits (see README.md for the reasons)")
     for flag, kind, metavar, text in LIMIT_FLAGS:
         default = getattr(DEFAULT_LIMITS, flag[2:].replace("-", "_"))
@@ -745,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         where = protocol.format_member_id(args.host, args.port)
         return cli.fail(PROG, f"cannot listen on {where}: {cli.describe(exc)}")
-    server = ChatServer(listener, limits)
+    server = ChatServer(listener, limits, room=Room(history_lines=args.history))
     if server.max_connections < limits.max_members:
         log.warning(
             "at most %d members: the file-descriptor limit (ulimit -n) leaves no more",

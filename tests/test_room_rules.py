@@ -10,7 +10,17 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from chatroom import protocol
-from chatroom.room import Disconnect, Joined, Left, Output, Room, ToMembers, ToPeer
+from chatroom.room import (
+    HISTORY_LINES,
+    RENAME_INTERVAL_SECONDS,
+    Disconnect,
+    Joined,
+    Left,
+    Output,
+    Room,
+    ToMembers,
+    ToPeer,
+)
 
 A, B, C = "10.0.0.1:1", "10.0.0.2:2", "[::1]:3"
 
@@ -111,6 +121,8 @@ class RoomRules(RuleBasedStateMachine):
         self.inboxes: dict[str, Inbox] = {}
         self.expected: dict[str, list[bytes]] = {}  # what each peer must have received
         self.peer_numbers = iter(range(1, 10_000))
+        self.labels: dict[str, str] = {}  # member → how lines name it
+        self.history: list[bytes] = []  # what a newcomer is shown, in order
         self.now = 0.0
 
     def carry_out(self, outputs: list[Output]) -> None:
@@ -145,10 +157,39 @@ class RoomRules(RuleBasedStateMachine):
     def join(self, data: st.DataObject) -> None:
         visitors = sorted(set(self.inboxes) - set(self.members))
         peer = data.draw(st.sampled_from(visitors))
+        self.labels[peer] = peer
         self.expect(protocol.welcome_line(peer, len(self.members)), [peer])
+        if self.history:
+            replay = self.history[-HISTORY_LINES:]
+            self.expect(protocol.history_start_line(len(replay)), [peer])
+            for line in replay:
+                self.expect(line, [peer])
+            self.expect(protocol.HISTORY_END_LINE, [peer])
         self.expect(protocol.joined_line(peer), self.members)
         self.act(peer, protocol.Join())
         self.members.append(peer)
+
+    @precondition(lambda self: self.members)
+    @rule(data=st.data(), name=st.sampled_from(["ann", "Ann", "bob", "9lives", "x" * 17]))
+    def rename(self, data: st.DataObject, name: str) -> None:
+        peer = data.draw(st.sampled_from(self.members))
+        taken = {
+            label.split("@")[0].lower()
+            for member, label in self.labels.items()
+            if member != peer and "@" in label
+        }
+        if not protocol.NAME_PATTERN.match(name):
+            self.expect(protocol.error_line(protocol.ERROR_INVALID_NAME), [peer])
+        elif name.lower() in taken:
+            self.expect(protocol.error_line(protocol.name_taken_error(name)), [peer])
+        else:
+            self.now += RENAME_INTERVAL_SECONDS  # never too soon: that rule has its own test
+            old, new = self.labels[peer], protocol.member_label(peer, name)
+            self.labels[peer] = new
+            self.expect(protocol.named_line(new), [peer])
+            others = [member for member in self.members if member != peer]
+            self.expect(protocol.renamed_line(old, new), others)
+        self.act(peer, protocol.Nick(name))
 
     @precondition(lambda self: self.inboxes)
     @rule(data=st.data(), text=st.text(min_size=1, max_size=20))
@@ -157,7 +198,9 @@ class RoomRules(RuleBasedStateMachine):
         text = protocol.sanitize(text)
         if peer in self.members:
             others = [member for member in self.members if member != peer]
-            self.expect(protocol.chat_line(peer, text), others)
+            line = protocol.chat_line(self.labels[peer], text)
+            self.expect(line, others)
+            self.history.append(protocol.history_line(self.now + 1.0, line))
         else:
             self.expect(protocol.error_line(protocol.ERROR_NOT_JOINED), [peer])
         self.act(peer, protocol.Say(text))
@@ -167,11 +210,12 @@ class RoomRules(RuleBasedStateMachine):
     def go(self, data: st.DataObject, quits: bool) -> None:
         peer = data.draw(st.sampled_from(sorted(self.inboxes)))
         reason = protocol.REASON_QUIT if quits else protocol.REASON_LOST
+        label = self.labels.pop(peer, peer)
         if quits:
-            self.expect(protocol.goodbye_line(peer), [peer])
+            self.expect(protocol.goodbye_line(label), [peer])
         if peer in self.members:
             self.members.remove(peer)
-            self.expect(protocol.left_line(peer, reason), self.members)
+            self.expect(protocol.left_line(label, reason), self.members)
         if quits:
             assert self.act(peer, protocol.Quit())[-1] == Disconnect(peer)
         else:

@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import socket
 import sys
 import threading
 from collections.abc import Iterator
+from types import FrameType
 
 from chatroom import cli, protocol
 
 PROG = "chatroom-client"
 
-# How long a leaving client waits for the server's goodbye and close: it must exit within 2 s.
-LEAVE_TIMEOUT_SECONDS = 1.5
+# Leaving ends within 1.5 s whatever the server or stdout is doing, so the process is gone within
+# the 2 s the README promises: up to 1.2 s for the server's goodbye and close, then up to 0.3 s
+# for the receiver to finish showing what it has.
+GOODBYE_TIMEOUT_SECONDS = 1.2
+RECEIVER_EXIT_TIMEOUT_SECONDS = 0.3
 
 # An unreachable host should fail in seconds, not after the OS's minutes-long SYN retries.
 CONNECT_TIMEOUT_SECONDS = 5.0
@@ -31,6 +36,35 @@ PROMPT = "> "
 
 # Ctrl-C, being told to stop, and losing the terminal all leave the room the same way.
 LEAVE_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+class LeaveSignal:
+    """The handler of the leave signals. The first one raises KeyboardInterrupt in the main
+    thread; from then on they are blocked, so another can neither break off the leave (which is
+    bounded anyway) nor arrive while the interpreter exits, which restores their default
+    action first: the process would die of the signal instead of exiting with its status."""
+
+    def __init__(self) -> None:
+        self._armed = True  # false once blocked; a signal that came just before does nothing
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self._armed:
+            self.block()
+            raise KeyboardInterrupt
+
+    def block(self) -> None:
+        """The session is ending: a leave signal from now on changes nothing."""
+        self._armed = False
+        signal.pthread_sigmask(signal.SIG_BLOCK, LEAVE_SIGNALS)
+
+
+class OutputBlocked(Exception):
+    """The receiver is still blocked writing to stdout (a pipe nobody reads, a paused pager) when
+    the session is over: nothing may wait for it or write to stdout again."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status  # the exit status the session ended with
 
 
 class PlainTerminal:
@@ -103,7 +137,7 @@ class Session:
         self._sock = sock
         self._terminal = terminal
         self._send_lock = threading.Lock()  # the input thread and, on Ctrl-C, the main thread send
-        self.leaving = threading.Event()  # the user asked to leave and !Quit went out
+        self.leaving = threading.Event()  # the user asked to leave
         self.ended = threading.Event()  # the receiver saw the end of the stream
         self.changed = threading.Event()  # either of the above: the main thread looks
         self.failure: str | None = None  # why the session ended if the user did not end it
@@ -113,15 +147,34 @@ class Session:
             self._sock.sendall(protocol.encode_client_line(text))
 
     def leave(self) -> None:
-        if self.leaving.is_set():
-            return
+        """The user typed !Quit or ended the input: !Quit goes out after every line typed before."""
         self.leaving.set()
         with contextlib.suppress(OSError):  # a lost connection is the receiver's to report
             self.send_line(protocol.QUIT)
         self.changed.set()
 
+    def leave_now(self) -> bool:
+        """A leave signal: sends !Quit only if that cannot block, since a send the server is not
+        reading (flood control) would hold the leave for minutes. True if the whole !Quit went
+        out, so the server's goodbye is worth waiting for; False too if the user had already
+        left, since a signal while waiting for that goodbye means "stop waiting"."""
+        already_leaving = self.leaving.is_set()
+        self.leaving.set()
+        # Held means the input thread is inside a send that has not finished: a !Quit now
+        # would land in the middle of its line.
+        if already_leaving or not self._send_lock.acquire(blocking=False):
+            return False
+        try:
+            quit_line = protocol.encode_client_line(protocol.QUIT)
+            return self._sock.send(quit_line, socket.MSG_DONTWAIT) == len(quit_line)
+        except OSError:  # the send buffer is full, or the connection is gone
+            return False
+        finally:
+            self._send_lock.release()
+
     def stop_receiving(self) -> None:
-        """Wakes a receiver blocked in recv(): shutdown() does, close() would not."""
+        """Wakes a receiver blocked in recv() and an input thread blocked in sendall():
+        shutdown() does, close() would not."""
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
 
@@ -156,6 +209,10 @@ class Session:
         self.ended.set()
         self.changed.set()
 
+    def exit_status(self) -> int:
+        """0 if the user left; else 1, with the reason on stderr."""
+        return 0 if self.failure is None else cli.fail(PROG, self.failure)
+
     def read_input_forever(self) -> None:
         while not self.leaving.is_set():
             text = self._terminal.read_line()
@@ -168,7 +225,7 @@ class Session:
                 return  # the receiver sees the loss and reports it
 
 
-def run_session(sock: socket.socket, terminal: PlainTerminal) -> int:
+def run_session(sock: socket.socket, terminal: PlainTerminal, leave_signal: LeaveSignal) -> int:
     session = Session(sock, terminal)
     try:
         session.send_line(protocol.JOIN)
@@ -178,26 +235,26 @@ def run_session(sock: socket.socket, terminal: PlainTerminal) -> int:
     # A blocked read of stdin cannot be interrupted, so this thread is a daemon nobody joins.
     reader = threading.Thread(target=session.read_input_forever, name="input", daemon=True)
     # Threads inherit the signal mask: started with the leave signals blocked, they never take
-    # one, and each reaches the main thread as KeyboardInterrupt inside the try below.
+    # one, and the first reaches the main thread as KeyboardInterrupt inside the try below.
     signal.pthread_sigmask(signal.SIG_BLOCK, LEAVE_SIGNALS)
     receiver.start()
     reader.start()
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, LEAVE_SIGNALS)
         session.changed.wait()
-        if not session.ended.is_set():
-            session.ended.wait(LEAVE_TIMEOUT_SECONDS)
+        if not session.ended.is_set():  # the user left: the server answers !Quit and closes
+            session.ended.wait(GOODBYE_TIMEOUT_SECONDS)
+        leave_signal.block()
     except KeyboardInterrupt:
-        session.leave()
-        with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C skips the wait
-            session.ended.wait(LEAVE_TIMEOUT_SECONDS)
+        if session.leave_now():
+            session.ended.wait(GOODBYE_TIMEOUT_SECONDS)
     session.stop_receiving()
-    receiver.join()
+    receiver.join(RECEIVER_EXIT_TIMEOUT_SECONDS)
+    if receiver.is_alive():
+        raise OutputBlocked(session.exit_status())
     sock.close()
     terminal.finish()
-    if session.failure is not None:
-        return cli.fail(PROG, session.failure)
-    return 0
+    return session.exit_status()
 
 
 @contextlib.contextmanager
@@ -221,16 +278,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    leave_signal = LeaveSignal()
     for signum in LEAVE_SIGNALS:
-        signal.signal(signum, signal.default_int_handler)
+        signal.signal(signum, leave_signal)
     sys.stdin.reconfigure(errors="replace")  # type: ignore[union-attr]
     try:
-        return connect_and_chat(args.host, args.port)
+        return connect_and_chat(args.host, args.port, leave_signal)
     except KeyboardInterrupt:
         return 130  # stopped before the session began: there is nothing to leave
+    except OutputBlocked as blocked:
+        # A normal exit would wait for the receiver, then flush stdout under a lock it holds.
+        sys.stderr.flush()
+        os._exit(blocked.status)
+    finally:
+        leave_signal.block()
 
 
-def connect_and_chat(host: str, port: int) -> int:
+def connect_and_chat(host: str, port: int, leave_signal: LeaveSignal) -> int:
     try:
         sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SECONDS)
     except OSError as exc:
@@ -239,8 +303,8 @@ def connect_and_chat(host: str, port: int) -> int:
     sock.settimeout(None)
     if sys.stdin.isatty() and sys.stdout.isatty():
         with terminal_settings_restored():
-            return run_session(sock, InteractiveTerminal())
-    return run_session(sock, PlainTerminal())
+            return run_session(sock, InteractiveTerminal(), leave_signal)
+    return run_session(sock, PlainTerminal(), leave_signal)
 
 
 if __name__ == "__main__":

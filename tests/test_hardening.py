@@ -8,6 +8,7 @@ Deadlines are set short by their flags so the tests stay quick; each is measured
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import random
 import re
@@ -19,13 +20,16 @@ import socket
 import ssl
 import struct
 import subprocess
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from .conftest import (
+    WAIT_SECONDS,
     Member,
     Room,
     Server,
@@ -609,3 +613,89 @@ def test_every_member_connection_has_tcp_keepalive(room: Room, server_no_flood: 
 
 def test_the_client_prints_nothing_unsafe_whatever_the_server_sends(room: Room) -> None:
     assert_client_prints_nothing_unsafe(room, python_script("chatroom_client.py"))
+
+
+@contextlib.contextmanager
+def fake_server() -> Iterator[socket.socket]:
+    """A listening socket for one client, with the smallest receive buffer: once the test stops
+    reading, what the client sends piles up in its own send buffer."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # accepted ones inherit it
+        listener.settimeout(WAIT_SECONDS)
+        yield listener
+
+
+def accept_join(listener: socket.socket) -> socket.socket:
+    conn, _ = listener.accept()
+    conn.settimeout(WAIT_SECONDS)
+    assert conn.recv(100) == b"!Join\n"
+    return conn
+
+
+LEAVE_SIGNALS = [[signal.SIGINT], [signal.SIGINT, signal.SIGINT], [signal.SIGTERM], [signal.SIGHUP]]
+
+
+@pytest.mark.parametrize("signals", LEAVE_SIGNALS, ids=lambda signals: "+".join(map(str, signals)))
+def test_a_leave_signal_ends_the_client_within_2_s_while_its_send_is_blocked(
+    room: Room, signals: list[signal.Signals]
+) -> None:
+    with fake_server() as listener:
+        port = listener.getsockname()[1]
+        client = room.program("chatroom_client.py", "--port", str(port))
+        with accept_join(listener) as conn:
+            # Longer than the client's send buffer can ever grow (Linux autotunes it up to the
+            # last tcp_wmem figure) plus our receive buffer: its sendall can never finish.
+            send_buffer_max = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+            client.type_line("x" * (send_buffer_max + MiB))
+            conn.recv(1, socket.MSG_PEEK)  # the client is sending that line: it is stuck there
+            started = time.monotonic()
+            for signum in signals:
+                client.proc.send_signal(signum)
+            assert client.wait_exit() == 0
+            assert time.monotonic() - started < 2
+    assert client.stderr.wait_ended() == []
+
+
+def test_a_leave_signal_ends_the_client_within_2_s_while_nobody_reads_its_stdout(
+    room: Room,
+) -> None:
+    pipe_out, pipe_in = os.pipe()  # the client's stdout, which this test never reads
+    capacity = fcntl.fcntl(pipe_out, 1032)  # F_GETPIPE_SZ, which fcntl names from Python 3.10
+    # 128 bytes divide a page, so the client's writes fill the pipe to its capacity exactly.
+    line = b"[6.6.6.6:6] " + b"y" * 115 + b"\n"
+    with fake_server() as listener, contextlib.ExitStack() as cleanup:
+        cleanup.callback(os.close, pipe_out)
+        client = subprocess.Popen(
+            python_script("chatroom_client.py", "--port", str(listener.getsockname()[1])),
+            stdin=subprocess.PIPE,
+            stdout=pipe_in,
+            stderr=subprocess.PIPE,
+        )
+        os.close(pipe_in)
+        cleanup.callback(client.communicate, timeout=WAIT_SECONDS)
+        cleanup.callback(client.kill)
+        conn = cleanup.enter_context(accept_join(listener))
+
+        def flood() -> None:
+            with contextlib.suppress(OSError):  # the client is gone
+                conn.sendall(line * (4 * capacity // len(line)))
+
+        flooder = threading.Thread(target=flood)
+        flooder.start()
+        cleanup.callback(flooder.join, WAIT_SECONDS)
+        cleanup.callback(client.kill)  # first, so the flooder's send fails and it ends
+        # A full pipe has no event to wait on.
+        wait_for(lambda: pipe_bytes(pipe_out) == capacity, "the client's stdout pipe full")
+        started = time.monotonic()
+        client.send_signal(signal.SIGINT)
+        assert client.wait(WAIT_SECONDS) == 0
+        assert time.monotonic() - started < 2
+        assert client.stderr is not None
+        assert client.stderr.read() == b""
+
+
+def pipe_bytes(read_end: int) -> int:
+    """How many bytes wait in a pipe, unread."""
+    count = struct.unpack("i", fcntl.ioctl(read_end, termios.FIONREAD, b"\0" * 4))[0]
+    assert isinstance(count, int)
+    return count

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
+import shutil
 import signal
 import socket
 import sys
 import threading
+import unicodedata
 from collections.abc import Iterator
-from types import FrameType
+from types import FrameType, ModuleType
 
 from chatroom import cli, protocol
 
@@ -83,14 +86,75 @@ class PlainTerminal:
         """Leaves the terminal ready for the closing line on stderr."""
 
 
+def char_width(char: str) -> int:
+    """The columns a character takes on a terminal: two for East Asian wide and fullwidth ones,
+    none for combining marks (they sit on the character before), one for the rest."""
+    if unicodedata.category(char) in ("Mn", "Me"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def rows_above_cursor(text: str, width: int) -> int:
+    """How many rows above the cursor text starts, once written from the start of a row of a
+    terminal width columns wide: a character that does not fit goes to the next row, and so
+    does the cursor after a row filled exactly (readline puts it there)."""
+    row = column = 0
+    for char in text:
+        if column + char_width(char) > width:
+            row, column = row + 1, 0
+        column += char_width(char)
+    return row + 1 if column >= width else row
+
+
+class GnuReadline:
+    """What Python's readline module leaves out, read through ctypes from the GNU readline it
+    loaded: where the cursor is (rl_point), whether Enter was just pressed (rl_done), and a
+    redraw of the prompt and line from scratch (rl_forced_update_display)."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._point = ctypes.c_int.in_dll(library, "rl_point")  # a byte offset into the line
+        self._done = ctypes.c_int.in_dll(library, "rl_done")
+        self._line = ctypes.c_char_p.in_dll(library, "rl_line_buffer")
+        self._forced_update_display = library.rl_forced_update_display
+
+    @classmethod
+    def load(cls, module: ModuleType) -> GnuReadline | None:
+        """None where the module is built on libedit, whose look-alikes behave differently, or
+        the symbols cannot be found."""
+        if "libedit" in (module.__doc__ or ""):
+            return None
+        try:
+            return cls(ctypes.CDLL(module.__file__))
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def typed_before_cursor(self) -> str:
+        typed = (self._line.value or b"")[: self._point.value]
+        return typed.decode(sys.stdin.encoding, errors="replace")  # as readline read the keys
+
+    def line_accepted(self) -> bool:
+        """Enter was pressed and readline moved to the next row: no prompt is on screen."""
+        return bool(self._done.value)
+
+    def redraw(self) -> None:
+        """Draws the prompt and the line at the cursor, leaving the cursor at the user's place."""
+        self._forced_update_display()
+
+
 class InteractiveTerminal(PlainTerminal):
     """A terminal with readline line editing, where a line that arrives while the user types
-    is printed above the prompt, and the prompt is drawn again with the half-typed text."""
+    is printed above the prompt, and the prompt is drawn again with the half-typed text and
+    the cursor where it was.
+
+    With GNU readline, readline redraws its own line, so the screen and readline agree on the
+    text and the cursor. Elsewhere (libedit) the prompt is redrawn here and the cursor is
+    assumed at the end of the line."""
 
     def __init__(self) -> None:
         import readline
 
         self._readline = readline
+        self._gnu = GnuReadline.load(readline)
         self._lock = threading.Lock()  # held while readline draws the prompt or a line is shown
         self._prompt_visible = False  # readline is reading keys behind a drawn prompt
         readline.set_startup_hook(self._before_prompt)
@@ -110,18 +174,37 @@ class InteractiveTerminal(PlainTerminal):
             text = None
         with self._lock:
             self._prompt_visible = False
-            # A line shown between Enter and here drew a stale prompt on this line: erase it.
+            # A line shown between Enter and here may have drawn a stale prompt: erase it.
             sys.stdout.write("\r\x1b[K")
             sys.stdout.flush()
         return text
 
     def show(self, text: str) -> None:
         with self._lock:
-            if self._prompt_visible:
-                typed = self._readline.get_line_buffer()
-                sys.stdout.write(f"\r\x1b[K{text}\n{PROMPT}{typed}")
-            else:
-                sys.stdout.write(text + "\n")
+            prompt_drawn = self._prompt_visible and not (
+                self._gnu is not None and self._gnu.line_accepted()
+            )
+            if prompt_drawn:
+                self._erase_prompt()
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+            if prompt_drawn:
+                self._redraw_prompt()
+
+    def _erase_prompt(self) -> None:
+        """Clears every row the prompt and the typed line take, from the first one down."""
+        if self._gnu is not None:
+            before_cursor = self._gnu.typed_before_cursor()
+        else:
+            before_cursor = self._readline.get_line_buffer()
+        up = rows_above_cursor(PROMPT + before_cursor, shutil.get_terminal_size().columns)
+        sys.stdout.write("\r" + (f"\x1b[{up}A" if up else "") + "\x1b[J")
+
+    def _redraw_prompt(self) -> None:
+        if self._gnu is not None:
+            self._gnu.redraw()
+        else:
+            sys.stdout.write(PROMPT + self._readline.get_line_buffer())
             sys.stdout.flush()
 
     def finish(self) -> None:

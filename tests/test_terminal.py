@@ -131,3 +131,50 @@ def test_ctrl_c_leaves_quickly_and_the_terminal_stays_sane(
     tmux.press("Enter")
     screen = tmux.wait_for_screen(lambda screen: last_line(screen) == "$", "stty's answer")
     assert [row for row in screen if row.strip()][-3:] == ["icanon", "echo", "$"]
+
+
+def test_a_line_arriving_keeps_the_cursor_where_the_user_left_it(
+    room: Room, server: Server, tmux: Tmux
+) -> None:
+    other, client_id = start_client_beside(room, server, tmux)
+    tmux.type("hello world")
+    tmux.wait_for_screen(lambda screen: last_line(screen) == "> hello world", "the typing")
+    for _ in range(5):
+        tmux.press("Left")
+    other.say("news")
+    tmux.wait_for_screen(lambda screen: f"[{other.member_id}] news" in screen, "the news")
+    tmux.type("XY")
+    # What the screen shows is what will be sent: the cursor stayed before "world".
+    screen = tmux.wait_for_screen(
+        lambda screen: last_line(screen) == "> hello XYworld", "XY typed before world"
+    )
+    assert [row for row in screen if row.strip()][-2:] == [
+        f"[{other.member_id}] news",
+        "> hello XYworld",
+    ]
+    tmux.press("Enter")
+    assert other.read_line() == f"[{client_id}] hello XYworld"
+
+
+def test_a_typed_line_wider_than_the_terminal_is_redrawn_whole_and_once(
+    room: Room, server: Server, tmux: Tmux
+) -> None:
+    other, client_id = start_client_beside(room, server, tmux)
+    typed = " ".join(f"{n:03d}-word" for n in range(20))  # 179 columns: two rows of 120
+    tmux.type(typed)
+    prompt_rows = ["> " + typed[:118], typed[118:]]
+    tmux.wait_for_screen(lambda screen: screen[-2:] == prompt_rows, "the typing on two rows")
+    for word in ("first", "second"):
+        other.say(f"{word} message")
+    screen = tmux.wait_for_screen(
+        lambda screen: f"[{other.member_id}] second message" in screen, "both messages"
+    )
+    rows = [row for row in screen if row.strip()]
+    assert rows[-4:] == [
+        f"[{other.member_id}] first message",
+        f"[{other.member_id}] second message",
+        *prompt_rows,
+    ]
+    assert sum(row.startswith("> 000-word") for row in screen) == 1  # no stale first row
+    tmux.press("Enter")
+    assert other.read_line() == f"[{client_id}] {typed}"

@@ -74,7 +74,15 @@ def fail(prog: str, message: str) -> int:
 
 
 def describe(exc: OSError) -> str:
-    """The OS's short words for an error ("Connection refused"), without the call's details."""
-    if exc.errno and not isinstance(exc, socket.gaierror):
+    """The OS's short words for an error ("Connection refused"), without the call's details;
+    "unknown host" for a host name the resolver does not know."""
+    # socket.create_server() re-raises a resolver error as a plain OSError with its EAI_* code,
+    # which os.strerror() does not know ("Unknown error -2"): the resolver's error is its context.
+    context = exc.__context__
+    if isinstance(context, socket.gaierror) and context.errno == exc.errno:
+        exc = context
+    if isinstance(exc, socket.gaierror):
+        return "unknown host" if exc.errno == socket.EAI_NONAME else exc.strerror or str(exc)
+    if exc.errno:
         return os.strerror(exc.errno)
     return exc.strerror or str(exc)

@@ -78,3 +78,18 @@ def test_a_client_whose_server_is_killed_says_so_in_one_line_and_exits_1(
         "chatroom-client: the server closed the connection",
         "chatroom-client: connection lost: Connection reset by peer",
     )
+
+
+@pytest.mark.parametrize(
+    ("script", "failure"),
+    [("chatroom_server.py", "cannot listen on"), ("chatroom_client.py", "cannot connect to")],
+)
+def test_an_unknown_host_is_one_line_in_the_same_words_for_both(
+    room: Room, script: str, failure: str
+) -> None:
+    program = room.program(script, "--host", "nosuchhost.invalid", "--port", "5050")
+    assert program.wait_exit() == 1
+    prog = "chatroom-" + script.split("_")[1][:-3]
+    assert program.stderr.wait_ended() == [
+        f"{prog}: {failure} nosuchhost.invalid:5050: unknown host"
+    ]

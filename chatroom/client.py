@@ -1,8 +1,18 @@
-"""The chat room client: joins on start, then two threads, one owner per resource.
+"""The chat room client: joins on start, then two threads.
 
-The receiver thread is the only reader of the socket and the only writer to stdout; the input
-thread is the only reader of stdin. The main thread waits for either to finish the session,
-picks the exit status and prints the one closing line on stderr.
+The receiver thread is the only reader of the socket, and shows each line it receives; the
+input thread is the only reader of stdin, and the only sender of chat lines. The main thread
+sends !Join, waits for either thread to finish the session, picks the exit status and prints
+the one closing line on stderr.
+
+Two resources have more than one user, and a lock makes each safe. The socket: the input
+thread sends lines and !Quit, and the main thread, on a leave signal, sends !Quit only if that
+cannot block, then shuts the socket down to wake both threads; the send lock keeps every line
+whole. stdout, on a terminal: the receiver shows
+lines, readline in the input thread draws the prompt and echoes keys, and the main thread
+clears the prompt at the end; the terminal's lock keeps a line being shown apart from a
+prompt being drawn (readline's echo of a key does not take it). On a pipe only the receiver
+writes to stdout.
 """
 
 from __future__ import annotations
@@ -155,7 +165,9 @@ class InteractiveTerminal(PlainTerminal):
 
         self._readline = readline
         self._gnu = GnuReadline.load(readline)
-        self._lock = threading.Lock()  # held while readline draws the prompt or a line is shown
+        # Held while readline draws the prompt, a line is shown, or the prompt is erased; not
+        # while readline echoes a key, which happens inside readline with no hook to take it.
+        self._lock = threading.Lock()
         self._prompt_visible = False  # readline is reading keys behind a drawn prompt
         readline.set_startup_hook(self._before_prompt)
         readline.set_pre_input_hook(self._after_prompt)
@@ -219,7 +231,9 @@ class Session:
     def __init__(self, sock: socket.socket, terminal: PlainTerminal) -> None:
         self._sock = sock
         self._terminal = terminal
-        self._send_lock = threading.Lock()  # the input thread and, on Ctrl-C, the main thread send
+        # Held for a whole line, so lines never interleave: the input thread takes it for each
+        # line; the main thread only tries it on a leave signal, and never waits for it.
+        self._send_lock = threading.Lock()
         self.leaving = threading.Event()  # the user asked to leave
         self.ended = threading.Event()  # the receiver saw the end of the stream
         self.changed = threading.Event()  # either of the above: the main thread looks

@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import ctypes
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -46,6 +45,11 @@ CONNECT_TIMEOUT_SECONDS = 5.0
 RECV_SIZE = 65536
 
 PROMPT = "> "
+
+# Starts every row of a received line after its first, which the client wraps itself: only a
+# line's first row starts at column 0, so a member who pads a line to the reader's width
+# cannot make the rest of it pass for a notice or another member's line.
+CONTINUATION_INDENT = "  "
 
 # Ctrl-C, being told to stop, and losing the terminal all leave the room the same way.
 LEAVE_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
@@ -104,16 +108,42 @@ def char_width(char: str) -> int:
     return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
 
 
+def display_width(text: str) -> int:
+    return sum(char_width(char) for char in text)
+
+
+def wrap(text: str, width: int, indent: str = "") -> list[str]:
+    """text cut into rows of at most width columns, as a terminal wraps it: a character that
+    does not fit starts the next row (unless the row holds nothing else), which starts with
+    indent."""
+    rows: list[str] = []
+    row, column, start = "", 0, 0  # the row so far, its width, and where its text begins
+    for char in text:
+        if column + char_width(char) > width and column > start:
+            rows.append(row)
+            row, column = indent, display_width(indent)
+            start = column
+        row += char
+        column += char_width(char)
+    rows.append(row)
+    return rows
+
+
 def rows_above_cursor(text: str, width: int) -> int:
     """How many rows above the cursor text starts, once written from the start of a row of a
-    terminal width columns wide: a character that does not fit goes to the next row, and so
-    does the cursor after a row filled exactly (readline puts it there)."""
-    row = column = 0
-    for char in text:
-        if column + char_width(char) > width:
-            row, column = row + 1, 0
-        column += char_width(char)
-    return row + 1 if column >= width else row
+    terminal width columns wide: after a row filled exactly, readline puts the cursor on the
+    next row."""
+    rows = wrap(text, width)
+    return len(rows) - 1 + (display_width(rows[-1]) >= width)
+
+
+def terminal_width() -> int:
+    """The terminal's width now, read for every line so that a resized terminal is followed:
+    the size it reports itself ($COLUMNS can be stale), 80 if it reports none."""
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns or 80
+    except OSError:
+        return 80
 
 
 class GnuReadline:
@@ -154,7 +184,8 @@ class GnuReadline:
 class InteractiveTerminal(PlainTerminal):
     """A terminal with readline line editing, where a line that arrives while the user types
     is printed above the prompt, and the prompt is drawn again with the half-typed text and
-    the cursor where it was.
+    the cursor where it was. A line wider than the terminal is wrapped here, with every row
+    after its first indented.
 
     With GNU readline, readline redraws its own line, so the screen and readline agree on the
     text and the cursor. Elsewhere (libedit) the prompt is redrawn here and the cursor is
@@ -192,13 +223,14 @@ class InteractiveTerminal(PlainTerminal):
         return text
 
     def show(self, text: str) -> None:
+        rows = wrap(text, terminal_width(), CONTINUATION_INDENT)
         with self._lock:
             prompt_drawn = self._prompt_visible and not (
                 self._gnu is not None and self._gnu.line_accepted()
             )
             if prompt_drawn:
                 self._erase_prompt()
-            sys.stdout.write(text + "\n")
+            sys.stdout.write("\n".join(rows) + "\n")
             sys.stdout.flush()
             if prompt_drawn:
                 self._redraw_prompt()
@@ -209,7 +241,7 @@ class InteractiveTerminal(PlainTerminal):
             before_cursor = self._gnu.typed_before_cursor()
         else:
             before_cursor = self._readline.get_line_buffer()
-        up = rows_above_cursor(PROMPT + before_cursor, shutil.get_terminal_size().columns)
+        up = rows_above_cursor(PROMPT + before_cursor, terminal_width())
         sys.stdout.write("\r" + (f"\x1b[{up}A" if up else "") + "\x1b[J")
 
     def _redraw_prompt(self) -> None:

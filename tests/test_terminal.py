@@ -40,6 +40,9 @@ class Tmux:
         )
         return done.stdout
 
+    def resize(self, columns: int) -> None:
+        self._tmux("resize-window", "-x", str(columns))
+
     def type(self, text: str) -> None:
         self._tmux("send-keys", "-l", text)
 
@@ -178,3 +181,19 @@ def test_a_typed_line_wider_than_the_terminal_is_redrawn_whole_and_once(
     assert sum(row.startswith("> 000-word") for row in screen) == 1  # no stale first row
     tmux.press("Enter")
     assert other.read_line() == f"[{client_id}] {typed}"
+
+
+def test_padding_to_the_width_cannot_make_part_of_a_line_pass_for_a_line(
+    room: Room, server: Server, tmux: Tmux
+) -> None:
+    tmux.resize(80)
+    other, _ = start_client_beside(room, server, tmux)
+    padding = " " * (80 - len(f"[{other.member_id}] "))  # the rest of the first row
+    fakes = ["* friend left (quit)", "[friend] admin here: run: curl x | sh"]
+    for fake in fakes:
+        other.say(padding + fake)
+    screen = tmux.wait_for_screen(
+        lambda screen: any(fakes[-1] in row for row in screen), "the padded lines"
+    )
+    # Each shows on a row of its own, but indented: never at column 0, where lines start.
+    assert [row for row in screen if "friend" in row] == ["  " + fake for fake in fakes]

@@ -230,7 +230,9 @@ class InteractiveTerminal(PlainTerminal):
             )
             if prompt_drawn:
                 self._erase_prompt()
-            sys.stdout.write("\n".join(rows) + "\n")
+            # Autowrap off meanwhile (DECAWM): a character the terminal draws wider than
+            # char_width() counts it is cut at the right edge instead of starting a row.
+            sys.stdout.write("\x1b[?7l" + "\n".join(rows) + "\n\x1b[?7h")
             sys.stdout.flush()
             if prompt_drawn:
                 self._redraw_prompt()

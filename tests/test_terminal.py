@@ -197,3 +197,20 @@ def test_padding_to_the_width_cannot_make_part_of_a_line_pass_for_a_line(
     )
     # Each shows on a row of its own, but indented: never at column 0, where lines start.
     assert [row for row in screen if "friend" in row] == ["  " + fake for fake in fakes]
+
+
+def test_characters_the_terminal_draws_wider_than_counted_cannot_start_a_row_either(
+    room: Room, server: Server, tmux: Tmux
+) -> None:
+    tmux.resize(80)
+    other, _ = start_client_beside(room, server, tmux)
+    # U+4DC0 is one column to Python's width table and two to glibc's wcwidth, which tmux
+    # uses: counted, the line fits in one row; drawn, the hexagrams fill the row exactly.
+    columns_left = 80 - len(f"[{other.member_id}] ")
+    padding = " " * (columns_left % 2) + "\u4dc0" * (columns_left // 2)
+    other.say(padding + "* friend left (quit)")
+    other.say("after")
+    screen = tmux.wait_for_screen(
+        lambda screen: f"[{other.member_id}] after" in screen, "the line after"
+    )
+    assert not [row for row in screen if row.startswith("* friend")]

@@ -412,7 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     leave_signal = LeaveSignal()
     for signum in LEAVE_SIGNALS:
         signal.signal(signum, leave_signal)
+    # Bytes typed in another encoding, and characters the terminal's encoding cannot show
+    # (an emoji in ISO-8859-1), are replaced: an encoding error would kill the receiver thread.
     sys.stdin.reconfigure(errors="replace")  # type: ignore[union-attr]
+    sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
     try:
         return connect_and_chat(args.host, args.port, leave_signal)
     except KeyboardInterrupt:

@@ -699,3 +699,23 @@ def pipe_bytes(read_end: int) -> int:
     count = struct.unpack("i", fcntl.ioctl(read_end, termios.FIONREAD, b"\0" * 4))[0]
     assert isinstance(count, int)
     return count
+
+
+def test_a_client_whose_terminal_cannot_show_a_character_shows_the_rest(room: Room) -> None:
+    with fake_server() as listener:
+        port = str(listener.getsockname()[1])
+        client = room.run(
+            [
+                "env",
+                "PYTHONIOENCODING=latin-1",
+                *python_script("chatroom_client.py", "--port", port),
+            ]
+        )
+        with accept_join(listener) as conn:
+            conn.sendall("[6.6.6.6:6] smile \U0001f600 \ufffd\n[6.6.6.6:6] later\n".encode())
+            assert client.stdout.wait_until(lambda lines: len(lines) == 2, "both lines") == [
+                "[6.6.6.6:6] smile ? ?",
+                "[6.6.6.6:6] later",
+            ]
+    assert client.wait_exit() == 1
+    assert client.stderr.wait_ended() == ["chatroom-client: the server closed the connection"]

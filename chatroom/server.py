@@ -733,7 +733,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=cli.int_in_range(0, 1000),
         default=HISTORY_LINES,
         metavar="N",
-        help="chat lines a newcomer is shown from before it came; 0 for none (default: %(default)s)",
+        help="past chat lines shown to a newcomer, 0 for none (default: %(default)s)",
     )
     limits = parser.add_argument_group("limits (see README.md for the reasons)")
     for flag, kind, metavar, text in LIMIT_FLAGS:

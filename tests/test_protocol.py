@@ -140,6 +140,27 @@ def test_any_chunking_reports_the_same_over_long_lines(
         (b"\x1b[2Jclear", protocol.Say("\ufffd[2Jclear")),
         (b"\xff\xfd\x18\xff\xfb\x1f!Join", protocol.Join()),  # telnet negotiation first
         (b"\xff\xfa\x18\x00xterm\xff\xf0hi \xff\xf1there", protocol.Say("hi there")),
+        (b"!Join alice", protocol.Join("alice")),
+        (b" !JOIN \talice ", protocol.Join("alice")),
+        (b"!Join al ice", protocol.Join("al ice")),  # the room refuses it as a name
+        (b"!Quit now", protocol.Say("!Quit now")),
+        (b"/nick alice", protocol.Nick("alice")),
+        (b"/NICK  alice ", protocol.Nick("alice")),
+        (b"/nick", protocol.BadCommand(protocol.USAGE_NICK)),
+        (b"/nick a b", protocol.BadCommand(protocol.USAGE_NICK)),
+        (b"/who", protocol.Who()),
+        (b"/names", protocol.Who()),
+        (b"/help", protocol.Help()),
+        (b"/quit", protocol.Quit()),
+        (b"/msg bob hi there ", protocol.Msg("bob", "hi there ")),
+        (b"/msg 127.0.0.1:5000 hi", protocol.Msg("127.0.0.1:5000", "hi")),
+        (b"/msg bob", protocol.BadCommand(protocol.USAGE_MSG)),
+        (b"/me waves  back", protocol.Me("waves  back")),
+        (b"/me", protocol.BadCommand(protocol.USAGE_ME)),
+        (b"//etc/passwd is a file", protocol.Say("/etc/passwd is a file")),
+        (b"/shrug", protocol.BadCommand(protocol.unknown_command_error("shrug"))),
+        (b"/", protocol.BadCommand(protocol.unknown_command_error(""))),
+        (b" /who", protocol.Say(" /who")),  # a command starts the line
     ],
 )
 def test_client_lines_parse_into_commands(line: bytes, command: protocol.Command) -> None:
@@ -345,3 +366,15 @@ def test_fuzzing_the_framing_and_sanitising_raises_nothing_but_the_declared_erro
             assert not [c for c in command.text if is_unsafe(c)]
             assert protocol.sanitize(command.text) == command.text
     assert len(buffer._data) < max_line + max((len(chunk) for chunk in chunks), default=0)
+
+
+def test_an_unknown_command_is_quoted_back_short_and_says_how_to_send_a_slash() -> None:
+    assert protocol.unknown_command_error("shrug") == (
+        "Unknown command /shrug: /help lists them; //shrug sends a line starting /"
+    )
+    assert len(protocol.unknown_command_error("x" * 4000)) < 160
+
+
+def test_a_label_is_the_address_until_there_is_a_name() -> None:
+    assert protocol.member_label("127.0.0.1:5", None) == "127.0.0.1:5"
+    assert protocol.member_label("[::1]:5", "bob") == "bob@[::1]:5"

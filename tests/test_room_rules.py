@@ -3,8 +3,10 @@ drives chatroom.room.Room directly and checks what every peer would receive."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -238,3 +240,200 @@ class RoomRules(RuleBasedStateMachine):
 
 RoomRules.TestCase.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
 test_room_rules = RoomRules.TestCase
+
+
+# Names, commands and history (issue 13).
+
+ALICE = "alice@10.0.0.1:1"
+
+
+def named_room() -> Room:
+    room = joined_room(B)
+    room.handle(A, protocol.Join("alice"), now=0.0)
+    return room
+
+
+def lines_to(outputs: list[Output], peer: str) -> list[bytes]:
+    return [output.line for output in outputs if isinstance(output, ToPeer) and output.peer == peer]
+
+
+def broadcasts(outputs: list[Output]) -> list[bytes]:
+    return [output.line for output in outputs if isinstance(output, ToMembers)]
+
+
+def test_join_with_a_name_names_the_member_on_every_line_with_its_address() -> None:
+    room = joined_room(B)
+    outputs = room.handle(A, protocol.Join("alice"), now=0.0)
+    assert lines_to(outputs, A) == [f"* Welcome, {ALICE}. Others here: 1\n".encode()]
+    assert broadcasts(outputs) == [f"* {ALICE} joined\n".encode()]
+    assert broadcasts(room.handle(A, protocol.Say("hi"), now=1.0)) == [f"[{ALICE}] hi\n".encode()]
+    assert broadcasts(room.leave(A, "quit")) == [f"* {ALICE} left (quit)\n".encode()]
+
+
+def test_nick_tells_the_member_and_the_others_with_both_name_and_address() -> None:
+    room = joined_room(A, B)
+    outputs = room.handle(A, protocol.Nick("alice"), now=1.0)
+    assert lines_to(outputs, A) == [f"* You are now {ALICE}\n".encode()]
+    assert broadcasts(outputs) == [f"* {A} is now {ALICE}\n".encode()]
+    assert next(o for o in outputs if isinstance(o, ToMembers)).sender == A
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "1abc",
+        "a" * 17,
+        "al ice",
+        "al.ice",
+        "al:ice",
+        "[x]",
+        "ali@ce",
+        "\uff41lice",
+        "\u0430lice",
+    ],
+)
+def test_an_invalid_name_is_refused_to_the_requester_alone_and_nothing_changes(name: str) -> None:
+    room = joined_room(A, B)
+    assert room.handle(A, protocol.Nick(name), now=1.0) == [
+        ToPeer(A, protocol.error_line(protocol.ERROR_INVALID_NAME))
+    ]
+    assert broadcasts(room.handle(A, protocol.Say("x"), now=2.0)) == [b"[10.0.0.1:1] x\n"]
+
+
+@pytest.mark.parametrize("name", ["a", "A" * 16, "a-b_c9", "Z0"])
+def test_names_of_one_to_sixteen_letters_digits_and_dashes_are_valid(name: str) -> None:
+    room = joined_room(A)
+    assert lines_to(room.handle(A, protocol.Nick(name), now=1.0), A) == [
+        f"* You are now {name}@{A}\n".encode()
+    ]
+
+
+def test_a_name_is_unique_ignoring_ascii_case_and_freed_when_its_member_leaves() -> None:
+    room = named_room()
+    assert room.handle(C, protocol.Join("ALICE"), now=1.0) == [
+        ToPeer(C, b"ERROR :Name taken: ALICE\n")
+    ]
+    assert C not in room
+    assert room.handle(B, protocol.Nick("Alice"), now=1.0) == [
+        ToPeer(B, b"ERROR :Name taken: Alice\n")
+    ]
+    room.leave(A, "quit")
+    assert lines_to(room.handle(B, protocol.Nick("Alice"), now=2.0), B) == [
+        f"* You are now Alice@{B}\n".encode()
+    ]
+
+
+def test_a_member_may_change_the_case_of_its_own_name() -> None:
+    room = named_room()
+    outputs = room.handle(A, protocol.Nick("Alice"), now=100.0)
+    assert broadcasts(outputs) == [f"* {ALICE} is now Alice@{A}\n".encode()]
+
+
+def test_renames_are_rate_limited() -> None:
+    room = named_room()
+    assert room.handle(A, protocol.Nick("bob"), now=RENAME_INTERVAL_SECONDS - 3) == [
+        ToPeer(A, b"ERROR :Name changed too recently: wait 3 s\n")
+    ]
+    assert lines_to(room.handle(A, protocol.Nick("bob"), now=RENAME_INTERVAL_SECONDS), A) == [
+        f"* You are now bob@{A}\n".encode()
+    ]
+
+
+def test_who_lists_every_member_with_its_address_to_the_requester_alone() -> None:
+    room = named_room()
+    assert room.handle(B, protocol.Who(), now=1.0) == [
+        ToPeer(B, f"* 2 here: {B}, {ALICE}\n".encode())
+    ]
+
+
+def test_who_in_a_huge_room_is_one_bounded_line_that_says_how_many_it_left_out() -> None:
+    room = joined_room(*(f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}:1" for n in range(10_000)))
+    [reply] = room.handle("10.0.0.0:1", protocol.Who(), now=1.0)
+    assert isinstance(reply, ToPeer)
+    assert len(reply.line) <= protocol.WHO_MAX_BYTES + 1
+    text = reply.line.decode()
+    assert text.startswith("* 10000 here: 10.0.0.0:1, 10.0.0.1:1, ")
+    shown = text.split(": ", 1)[1].split(", and ")[0].count(", ") + 1
+    assert text.endswith(f", and {10_000 - shown} more\n")
+
+
+def test_msg_reaches_its_target_only_by_name_or_address_and_confirms_to_the_sender() -> None:
+    room = named_room()
+    by_name = room.handle(B, protocol.Msg("ALICE", "psst"), now=1.0)
+    assert by_name == [
+        ToPeer(A, f"[{B} (private)] psst\n".encode()),
+        ToPeer(B, f"* Private to {ALICE}: psst\n".encode()),
+    ]
+    by_address = room.handle(A, protocol.Msg(B, "hi"), now=1.0)
+    assert by_address == [
+        ToPeer(B, f"[{ALICE} (private)] hi\n".encode()),
+        ToPeer(A, f"* Private to {B}: hi\n".encode()),
+    ]
+
+
+def test_msg_to_nobody_is_an_error_to_the_sender_alone() -> None:
+    room = named_room()
+    assert room.handle(B, protocol.Msg("carol", "hi"), now=1.0) == [
+        ToPeer(B, b"ERROR :No such member: carol (/who lists them)\n")
+    ]
+
+
+def test_me_is_an_action_that_never_reads_as_a_notice() -> None:
+    room = named_room()
+    [action] = broadcasts(room.handle(A, protocol.Me("left (quit)"), now=1.0))
+    assert action == f"[{ALICE}] * left (quit)\n".encode()
+    assert not action.startswith(b"* ")
+
+
+def test_a_visitor_may_ask_for_help_and_quit_but_not_use_the_room() -> None:
+    room = joined_room(A)
+    assert lines_to(room.handle(C, protocol.Help(), now=1.0), C) == protocol.HELP_LINES
+    for command in (protocol.Nick("x"), protocol.Who(), protocol.Msg(A, "hi"), protocol.Me("x")):
+        assert room.handle(C, command, now=1.0) == [
+            ToPeer(C, protocol.error_line(protocol.ERROR_NOT_JOINED))
+        ]
+
+
+def test_a_bad_command_is_an_error_to_its_sender_alone() -> None:
+    room = joined_room(A, B)
+    assert room.handle(A, protocol.BadCommand("Usage: /me TEXT"), now=1.0) == [
+        ToPeer(A, b"ERROR :Usage: /me TEXT\n")
+    ]
+
+
+def test_a_newcomer_gets_the_last_lines_with_their_times_between_two_notices() -> None:
+    room = Room(history_lines=2)
+    room.handle(A, protocol.Join("alice"), now=0.0)
+    for n, said_at in enumerate((60.0, 120.0, 180.0)):
+        room.handle(A, protocol.Say(f"line {n}"), now=said_at)
+    room.handle(A, protocol.Msg(A, "private: never replayed"), now=200.0)
+    room.handle(A, protocol.Me("waves"), now=240.0)
+    outputs = room.handle(B, protocol.Join(), now=300.0)
+    assert lines_to(outputs, B) == [
+        b"* Welcome, 10.0.0.2:2. Others here: 1\n",
+        b"* History: 2 lines said before you came\n",
+        protocol.history_line(180.0, f"[{ALICE}] line 2\n".encode()),
+        protocol.history_line(240.0, f"[{ALICE}] * waves\n".encode()),
+        protocol.HISTORY_END_LINE,
+    ]
+    assert (
+        protocol.history_line(180.0, b"x\n")
+        .decode()
+        .startswith(time.strftime("[%H:%M] ", time.localtime(180.0)))
+    )
+
+
+def test_history_is_bounded_in_bytes_too_and_can_be_turned_off() -> None:
+    room = Room(history_lines=100, history_bytes=3000)
+    room.handle(A, protocol.Join(), now=0.0)
+    for n in range(10):
+        room.handle(A, protocol.Say(f"{n}" * 1000), now=1.0)
+    replay = lines_to(room.handle(B, protocol.Join(), now=2.0), B)[2:-1]
+    assert len(replay) == 2 and sum(len(line) for line in replay) <= 3000 + 2 * 20
+    silent = Room(history_lines=0)
+    silent.handle(A, protocol.Join(), now=0.0)
+    silent.handle(A, protocol.Say("hello"), now=1.0)
+    assert lines_to(silent.handle(B, protocol.Join(), now=2.0), B) == [
+        b"* Welcome, 10.0.0.2:2. Others here: 1\n"
+    ]

@@ -15,6 +15,7 @@ from collections import deque
 from typing import NamedTuple, Union
 
 from chatroom import protocol
+from chatroom.limits import TokenBucket
 
 
 class ToPeer(NamedTuple):
@@ -60,19 +61,21 @@ Output = Union[ToPeer, ToMembers, Joined, Left, Disconnect]
 HISTORY_LINES = 20
 HISTORY_BYTES = 64 * 1024
 
-# A member may change its name once in this long, so nobody floods the room with renames.
+# Renames a member may make at once, then one every RENAME_INTERVAL_SECONDS, so a typo is
+# fixed at once but nobody floods the room with rename notices.
+RENAME_BURST = 3
 RENAME_INTERVAL_SECONDS = 10.0
 
 
 class Member:
     """One member's standing in the room."""
 
-    __slots__ = ("label", "name", "renamed_at")
+    __slots__ = ("label", "name", "renames")
 
-    def __init__(self, member_id: str) -> None:
+    def __init__(self, member_id: str, now: float) -> None:
         self.name: str | None = None  # None until it takes one
         self.label = member_id  # how every line names it: protocol.member_label
-        self.renamed_at: float | None = None  # when it last took a name
+        self.renames = TokenBucket(1 / RENAME_INTERVAL_SECONDS, RENAME_BURST, now)
 
 
 class Room:
@@ -144,9 +147,9 @@ class Room:
         refusal = None if name is None else self._refusal_of_name(name)
         if refusal is not None:
             return _error(peer, refusal)
-        member = Member(peer)
+        member = Member(peer, now)
         if name is not None:
-            self._take_name(peer, member, name, now)
+            self._take_name(peer, member, name)
         welcome = protocol.welcome_line(member.label, len(self._members))
         self._members[peer] = member
         return [
@@ -199,14 +202,15 @@ class Room:
 
     def _rename(self, peer: str, member: Member, name: str, now: float) -> list[Output]:
         refusal = self._refusal_of_name(name, member)
-        if refusal is None and member.renamed_at is not None:
-            wait = member.renamed_at + RENAME_INTERVAL_SECONDS - now
+        if refusal is None:
+            wait = member.renames.seconds_until_token(now)
             if wait > 0:
                 refusal = protocol.rename_too_soon_error(wait)
         if refusal is not None:
             return _error(peer, refusal)
+        member.renames.take()
         old_label = member.label
-        self._take_name(peer, member, name, now)
+        self._take_name(peer, member, name)
         return [
             ToPeer(peer, protocol.named_line(member.label)),
             ToMembers(protocol.renamed_line(old_label, member.label), sender=peer),
@@ -220,13 +224,12 @@ class Room:
             return protocol.name_taken_error(name)
         return None
 
-    def _take_name(self, peer: str, member: Member, name: str, now: float) -> None:
+    def _take_name(self, peer: str, member: Member, name: str) -> None:
         if member.name is not None:
             del self._names[member.name.lower()]
         self._names[name.lower()] = peer
         member.name = name
         member.label = protocol.member_label(peer, name)
-        member.renamed_at = now
 
     def _who(self, peer: str) -> list[Output]:
         labels = (member.label for member in self._members.values())

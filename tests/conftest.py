@@ -238,6 +238,7 @@ class Member:
         address, member_port = self.sock.getsockname()[:2]
         shown = f"[{address}]" if ":" in address else address
         self.member_id = f"{shown}:{member_port}"
+        self.label = self.member_id  # how the server's lines name it: NAME@IP:PORT once named
         self.lines: list[str] = []  # every line received, in order
         self._unread: deque[str] = deque()  # whole lines received, not yet read
         self._partial = b""  # bytes after the last newline received

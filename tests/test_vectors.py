@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import pytest
@@ -27,16 +28,17 @@ def test_protocol_vector(room: Room, case: dict[str, Any]) -> None:
     connections: dict[str, Member] = {}
     present: set[str] = set()  # joined and not closed: each must see the final probe join
 
-    def with_ids(line: str) -> str:
+    def with_ids(line: str, escape: bool = False) -> str:
         for name, member in connections.items():
-            line = line.replace("{" + name + "}", member.member_id)
+            member_id = re.escape(member.member_id) if escape else member.member_id
+            line = line.replace("{" + name + "}", member_id)
         return line
 
     for step in case["steps"]:
         if "connect" in step:
             connections[step["connect"]] = room.member(port, host)
         elif "send" in step:
-            data = bytes.fromhex(step["hex"]) if "hex" in step else step["text"].encode()
+            data = bytes.fromhex(step["hex"]) if "hex" in step else with_ids(step["text"]).encode()
             connections[step["send"]].send(data)
         elif "close" in step:
             connections[step["close"]].close()
@@ -44,6 +46,9 @@ def test_protocol_vector(room: Room, case: dict[str, Any]) -> None:
         elif step.get("closed"):
             assert connections[step["receive"]].read_until_eof() == []
             present.discard(step["receive"])
+        elif "pattern" in step:
+            line = connections[step["receive"]].read_line()
+            assert re.fullmatch(with_ids(step["pattern"], escape=True), line), line
         else:
             line = connections[step["receive"]].read_line()
             assert line == with_ids(step["line"])

@@ -39,21 +39,11 @@ class Codec(Protocol):
         """The bytes that carry these server lines (each ending in b"\\n") to the peer."""
 
 
-class LineCodec:
-    """Plain text lines, as nc, telnet and the clients send them."""
+class LineCodec(protocol.LineBuffer):
+    """Plain text lines, as nc, telnet and the clients send them: the framing buffer itself,
+    with nothing to add on the way out."""
 
-    def __init__(self, max_line: int) -> None:
-        self._lines = protocol.LineBuffer(max_line)
-
-    def receive(self, data: bytes) -> None:
-        self._lines.feed(data)
-
-    def next_line(self) -> bytes | None:
-        return self._lines.next_line()
-
-    @property
-    def has_partial_line(self) -> bool:
-        return self._lines.has_partial_line
+    receive = protocol.LineBuffer.feed
 
     def encode(self, lines: bytes) -> bytes:
         return lines
@@ -145,14 +135,6 @@ class Connection:
             return 0
         del self.outbox[:sent]
         return sent
-
-    def lines_wait(self, now: float) -> float:
-        """0 if flood control lets another line be handled now, else how long until it does."""
-        return 0.0 if self.flood is None else self.flood.seconds_until_token(now)
-
-    def line_handled(self) -> None:
-        if self.flood is not None:
-            self.flood.take()
 
     # The clocks below say whether they started (or restarted): then a deadline is nearer.
 

@@ -28,6 +28,7 @@ MAX_SERVER_LINE = 65536
 JOIN = "!Join"
 QUIT = "!Quit"
 COMMAND_PREFIX = "/"
+_JOIN_WORD, _QUIT_WORD = JOIN.lower(), QUIT.lower()
 
 # A name: 1 to 16 ASCII letters, digits, "_" or "-", a letter first. ASCII only, so no name is
 # a lookalike of another in some other script; no ".", ":", "[", space or "@", so none looks
@@ -297,13 +298,16 @@ def parse_client_line(line: bytes) -> Command:
     text = decode_line(line)
     if text[:1] == COMMAND_PREFIX:
         return _parse_slash_command(text)
-    words = text.split(None, 1)
-    if not words:
+    stripped = text.strip()
+    if not stripped:
         return Blank()
+    if stripped[0] != "!":  # most lines: chat, with no word to look up
+        return Say(text)
+    words = stripped.split(None, 1)
     first = words[0].lower()
-    if first == JOIN.lower():
-        return Join(words[1].strip() if len(words) == 2 else None)
-    if first == QUIT.lower() and len(words) == 1:
+    if first == _JOIN_WORD:
+        return Join(words[1] if len(words) == 2 else None)
+    if first == _QUIT_WORD and len(words) == 1:
         return Quit()
     return Say(text)
 

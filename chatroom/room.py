@@ -189,7 +189,7 @@ class Room:
         """A line said to the room: to every other member, and into the history."""
         if self._history_on:
             self._remember(line, now)
-        return [ToMembers(line, sender=peer)]
+        return [ToMembers(line, peer)]
 
     def _remember(self, line: bytes, now: float) -> None:
         history = self._history

@@ -288,40 +288,42 @@ class ChatServer:
     def _handle_lines(self, conn: Connection) -> None:
         """Hands up to LINES_PER_TURN lines to the room, as flood control and the output
         total allow; what is left waits, unread, for a later turn."""
-        now = self._clock()
+        now, wall_time = self._clock(), self._wall_clock()
+        flood = conn.flood  # None when flood control is off
         for _ in range(LINES_PER_TURN):
             if conn.done:
                 return
-            if self._turn_would_pass_output_total():
+            if self._fanout.pending_bytes and self._turn_would_pass_output_total():
                 break  # the flush delivers this turn's lines first
-            wait = conn.lines_wait(now)
-            if wait > 0:
-                self._pause_input(conn, now + wait)
-                return
+            if flood is not None:
+                wait = flood.seconds_until_token(now)
+                if wait > 0:
+                    self._pause_input(conn, now + wait)
+                    return
             try:
                 line = conn.codec.next_line()
             except protocol.LineTooLong as exc:
                 log.info("%s sent a line over %d bytes", conn.peer_id, exc.max_line)
-                conn.line_handled()
                 self._tell(conn, protocol.error_line(str(exc)))
-                continue
-            if line is None:
-                self._input_drained(conn, now)
-                return
-            conn.partial_line_since = None  # a line ended: any unfinished one is new
-            conn.line_handled()
-            command = protocol.parse_client_line(line)
-            self._act_on(self._room.handle(conn.peer_id, command, self._wall_clock()))
+                line = None  # it costs a token all the same
+            else:
+                if line is None:
+                    self._input_drained(conn, now)
+                    return
+                conn.partial_line_since = None  # a line ended: any unfinished one is new
+            if flood is not None:
+                flood.take()
+            if line is not None:
+                command = protocol.parse_client_line(line)
+                self._act_on(self._room.handle(conn.peer_id, command, wall_time))
         self._set_interest(conn, reading=False)
         self._pending_input[conn] = None
 
     def _turn_would_pass_output_total(self) -> bool:
         """This turn's lines, were every member to queue them, would pass the total of all
         queues: so one turn's broadcasts cannot outgrow --sendq-total before the flush."""
-        pending = self._fanout.pending_bytes
-        if not pending:
-            return False
-        return self._queued_bytes + pending * len(self._fanout) > self._limits.sendq_total
+        projected = self._fanout.pending_bytes * len(self._fanout)
+        return self._queued_bytes + projected > self._limits.sendq_total
 
     def _pause_input(self, conn: Connection, until: float) -> None:
         """Fakelag: stop reading a flooder; its kernel buffer fills and its sends block."""

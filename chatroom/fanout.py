@@ -10,7 +10,7 @@ turn) get a selection of their own, cut from the same ordered list, so no line o
 from __future__ import annotations
 
 import sys
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from typing import Generic, TypeVar
 
 Peer = TypeVar("Peer", bound=Hashable)
@@ -66,30 +66,15 @@ class Fanout(Generic[Peer]):
         self._direct_lines += 1
         self._window(peer)
 
-    def take(self) -> list[tuple[Peer, bytes]]:
-        """Each peer's share of the turn's lines, in order, and a fresh turn."""
-        if self._direct_lines:
-            everything = b"".join(line for line, to in zip(self._lines, self._only) if to is None)
-        else:
-            everything = b"".join(self._lines)
-        windows = self._windows
-        shares = [(peer, everything) for peer in self._audience if peer not in windows]
-        shares += [(peer, self._share_of(peer, *window)) for peer, window in windows.items()]
+    def take(self) -> Iterator[tuple[Peer, bytes]]:
+        """Each peer's share of the turn's lines, in order, and a fresh turn. Shares are cut
+        one at a time as they are asked for, so only one is held beside the queues; lines
+        produced meanwhile (a peer dropped by a delivery) belong to the next turn."""
+        turn = _Turn(self._lines, self._only, self._sender, self._direct_lines)
+        windows, audience = self._windows, list(self._audience)
         self._lines, self._only, self._sender, self._windows = [], [], [], {}
         self.pending_bytes = self._direct_lines = 0
-        return [(peer, share) for peer, share in shares if share]
-
-    def _share_of(self, peer: Peer, first: int, end_of_broadcasts: int, end: int) -> bytes:
-        lines, senders = self._lines, self._sender
-        if not self._direct_lines and (first, end_of_broadcasts, end) == (0, _NEVER, _NEVER):
-            # A member all turn that sent some of the lines: the usual case, kept quick.
-            return b"".join(line for line, sender in zip(lines, senders) if sender is not peer)
-        return b"".join(
-            line
-            for index, (line, to, sender) in enumerate(zip(lines[:end], self._only, senders))
-            if to is peer
-            or (to is None and sender is not peer and first <= index < end_of_broadcasts)
-        )
+        return turn.shares(audience, windows)
 
     def _append(self, line: bytes, only: Peer | None, sender: Peer | None) -> None:
         self._lines.append(line)
@@ -104,3 +89,45 @@ class Fanout(Generic[Peer]):
             first = 0 if peer in self._audience else _NEVER
             window = self._windows[peer] = [first, _NEVER, _NEVER]
         return window
+
+
+class _Turn(Generic[Peer]):
+    """One turn's lines, taken out of the fan-out to be handed out."""
+
+    def __init__(
+        self,
+        lines: list[bytes],
+        only: list[Peer | None],
+        senders: list[Peer | None],
+        direct_lines: int,
+    ) -> None:
+        self._lines, self._only, self._senders = lines, only, senders
+        self._direct_lines = direct_lines
+
+    def shares(
+        self, audience: list[Peer], windows: dict[Peer, list[int]]
+    ) -> Iterator[tuple[Peer, bytes]]:
+        if self._direct_lines:
+            everything = b"".join(line for line, to in zip(self._lines, self._only) if to is None)
+        else:
+            everything = b"".join(self._lines)
+        if everything:
+            for peer in audience:
+                if peer not in windows:
+                    yield peer, everything
+        for peer, window in windows.items():
+            share = self._share_of(peer, *window)
+            if share:
+                yield peer, share
+
+    def _share_of(self, peer: Peer, first: int, end_of_broadcasts: int, end: int) -> bytes:
+        lines, senders = self._lines, self._senders
+        if not self._direct_lines and (first, end_of_broadcasts, end) == (0, _NEVER, _NEVER):
+            # A member all turn that sent some of the lines: the usual case, kept quick.
+            return b"".join(line for line, sender in zip(lines, senders) if sender is not peer)
+        return b"".join(
+            line
+            for index, (line, to, sender) in enumerate(zip(lines[:end], self._only, senders))
+            if to is peer
+            or (to is None and sender is not peer and first <= index < end_of_broadcasts)
+        )

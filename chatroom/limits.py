@@ -5,6 +5,7 @@ Every default carries its reason; README.md's limits table repeats them for user
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from chatroom import protocol
@@ -23,6 +24,11 @@ class Limits:
     sendq_soft: int = 256 * KiB
     sendq_soft_seconds: float = 10.0
     sendq_hard: int = 1 * MiB
+    # What the kernel may hold for one member on top of its queue here (SO_SNDBUF; Linux
+    # doubles it for its own bookkeeping). Left alone, Linux grows it to 4 MiB (tcp_wmem), and
+    # 300 members that never read held ~1 GiB of kernel memory before any limit here saw a
+    # byte. 64 KiB is still hundreds of chat lines in flight.
+    send_buffer: int = 64 * KiB
     # All queues together (Redis' maxmemory-clients): past it the largest queue is dropped, and
     # input waits for the next turn, so a broadcast storm cannot run the server out of memory.
     sendq_total: int = 64 * MiB
@@ -35,9 +41,16 @@ class Limits:
     flood_burst: int = 20
     # Redis' maxclients default; the server lowers it to what its file descriptors allow.
     max_members: int = 1024
+    # Connections that have not joined yet, on top of the members: a client sends !Join at
+    # once, so even a join storm has only a few turns' accepts (64 a turn) waiting. Past this,
+    # the one that has waited longest is cut, so idle connections can never keep anyone out.
+    max_unjoined: int = 256
     # Ergo's default per-address cap; loopback is exempt so one machine can host a class.
     max_per_ip: int = 16
     exempt_loopback: bool = True
+    # An IPv6 subscriber is handed a whole /64 (RFC 6177): counted per address, one attacker
+    # would have 2^64 of them. IRC servers count IPv6 by /64 for the same reason.
+    ipv6_prefix: int = 64
     # A connection must send !Join within this long (Ergo 60 s, InspIRCd 90 s, ngircd 20 s).
     join_timeout: float = 60.0
     # A line must end within this long of its first byte: slow-loris (Solanum 30 s, Node 40 s).
@@ -63,3 +76,23 @@ class TokenBucket:
 
     def take(self) -> None:
         self._tokens -= 1
+
+
+LOOPBACK = "loopback"
+
+
+def address_key(ip: str, ipv6_prefix: int) -> str:
+    """Whose connections are counted together against --max-per-ip: every loopback address is
+    this one machine (127.0.0.2 is not someone else, nor is ::1), an IPv6 address counts by its
+    /ipv6_prefix network, an IPv4 address by itself."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:  # not an address (a scoped IPv6 address on Python 3.8, say): itself
+        return ip
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_loopback:
+        return LOOPBACK
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
+    return str(address)

@@ -83,8 +83,12 @@ class Room:
     the rules that change them. Times are the wall clock's (they are shown in history)."""
 
     def __init__(
-        self, history_lines: int = HISTORY_LINES, history_bytes: int = HISTORY_BYTES
+        self,
+        capacity: int,
+        history_lines: int = HISTORY_LINES,
+        history_bytes: int = HISTORY_BYTES,
     ) -> None:
+        self._capacity = capacity  # the most members at once
         self._members: dict[str, Member] = {}  # by IP:PORT; dicts keep join order
         self._names: dict[str, str] = {}  # lower-cased name → its member's IP:PORT
         self._history: deque[tuple[float, bytes]] = deque(maxlen=history_lines or 1)
@@ -144,6 +148,9 @@ class Room:
     def _join(self, peer: str, name: str | None, now: float) -> list[Output]:
         if peer in self._members:
             return _error(peer, protocol.ERROR_ALREADY_JOINED)
+        if len(self._members) >= self._capacity:
+            full = protocol.error_line(protocol.server_full_error(self._capacity))
+            return [ToPeer(peer, full), Disconnect(peer)]
         refusal = None if name is None else self._refusal_of_name(name)
         if refusal is not None:
             return _error(peer, refusal)

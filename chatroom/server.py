@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import errno
 import heapq
-import ipaddress
 import itertools
 import logging
 import resource
@@ -30,7 +29,7 @@ from typing import Callable, ClassVar
 from chatroom import cli, protocol
 from chatroom.connection import RECV_SIZE, Connection, Deadline, LineCodec
 from chatroom.fanout import Fanout
-from chatroom.limits import Limits
+from chatroom.limits import LOOPBACK, Limits, address_key
 from chatroom.room import HISTORY_LINES, Joined, Left, Output, Room, ToMembers, ToPeer
 
 log = logging.getLogger("chatroom.server")
@@ -67,6 +66,10 @@ KEEPALIVE_OPTIONS = {"TCP_KEEPIDLE": 300, "TCP_KEEPINTVL": 100, "TCP_KEEPCNT": 3
 # does not turn close() into a reset; a peer that never reads or never closes is cut here.
 LINGER_SECONDS = 2.0
 
+# Stale timer entries tolerated before the heap is cleaned (asyncio keeps up to 100, and cleans
+# when they pass half of the heap).
+STALE_TIMERS_KEPT = 100
+
 # How long shutdown lets goodbyes drain before closing the rest: the process must exit within 2 s.
 SHUTDOWN_GRACE_SECONDS = 1.0
 
@@ -82,27 +85,31 @@ class ChatServer:
         listener: socket.socket,
         limits: Limits = DEFAULT_LIMITS,
         clock: Clock = time.monotonic,
-        room: Room | None = None,
+        history_lines: int = HISTORY_LINES,
         wall_clock: Clock = time.time,
     ) -> None:
         self._listener = listener
         self._limits = limits
         self._clock = clock  # every deadline is read off this; tests pass a fake one
         self._wall_clock = wall_clock  # what the room is told the time is: history shows it
-        self.max_connections = connection_cap(limits.max_members)
+        # Members, and connections still to join, as the descriptor limit allows.
+        self.max_connections = connection_cap(limits.max_members + limits.max_unjoined)
+        self.max_members = min(limits.max_members, self.max_connections)
         self._selector = selectors.DefaultSelector()
-        self._room = Room() if room is None else room
+        self._room = Room(self.max_members, history_lines)
         self._fanout: Fanout[Connection] = Fanout()  # this turn's lines, in order, for whom
         # Every open peer, joined or not, in the order it came; dicts keep every order here
         # (fan-out, flushes, evictions) the same from run to run.
         self._connections: dict[str, Connection] = {}
         self._per_ip: dict[str, int] = {}  # open connections per peer address
+        self._unjoined: dict[Connection, None] = {}  # not joined yet, longest waiting first
         self._pending_input: dict[Connection, None] = {}  # lines left over for the next turn
         self._pending_writes: dict[Connection, None] = {}  # output queued since the last flush
         self._finishing: list[Connection] = []  # last line produced: leave once it is out
         self._to_close: list[Connection] = []  # closed at the end of the turn
         self._queued_bytes = 0  # all outboxes together, held to limits.sendq_total
         self._timers: list[tuple[float, int, Connection]] = []  # heap: when to check whom
+        self._stale_timers = 0  # entries in _timers for closed peers or superseded by another
         self._timer_order = itertools.count()  # tie-breaker, so the heap never compares peers
         self._accept_paused_until: float | None = None  # out of descriptors: resume then
         self._stop_signal: int | None = None  # set by the signal handler; the loop stops
@@ -189,38 +196,53 @@ class ChatServer:
                 else:
                     log.warning("accept failed: %s", cli.describe(exc))
                 return
-            ip = protocol.normalize_host(address[0])
-            peer_id = protocol.format_member_id(ip, address[1])
-            refusal = self._refusal_for(ip)
-            if refusal is None:
-                self.add_connection(sock, peer_id, ip)
-            else:
-                log.info("refusing %s: %s", peer_id, refusal)
-                refuse(sock, protocol.error_line(refusal))
+            self.admit(sock, protocol.normalize_host(address[0]), address[1])
 
-    def _refusal_for(self, ip: str) -> str | None:
-        if len(self._connections) >= self.max_connections:
-            return protocol.server_full_error(self.max_connections)
+    def admit(self, sock: socket.socket, ip: str, port: int) -> None:
+        """Serves a connected socket from now on, unless a cap refuses it."""
+        peer_id = protocol.format_member_id(ip, port)
+        address = address_key(ip, self._limits.ipv6_prefix)
+        refusal = self._refusal_for(address)
+        if refusal is not None:
+            log.info("refusing %s: %s", peer_id, refusal)
+            refuse(sock, protocol.error_line(refusal))
+            return
+        if len(self._unjoined) >= self._limits.max_unjoined:
+            self._cut_longest_waiting()
+        sock.setblocking(False)
+        set_socket_options(sock, self._limits.send_buffer)
+        codec = LineCodec(self._limits.max_line)
+        conn = Connection(sock, peer_id, address, codec, self._limits, self._clock())
+        self._connections[peer_id] = conn
+        self._unjoined[conn] = None
+        self._per_ip[address] = self._per_ip.get(address, 0) + 1
+        self._selector.register(sock, selectors.EVENT_READ, conn)
+        self._arm_next_deadline(conn)
+        log.info("%s connected", peer_id)
+
+    def _refusal_for(self, address: str) -> str | None:
+        open_now = len(self._connections) - len(self._to_close)
+        if len(self._room) >= self.max_members or open_now >= self.max_connections:
+            return protocol.server_full_error(self.max_members)
         limits = self._limits
         if (
             limits.max_per_ip
-            and not (limits.exempt_loopback and is_loopback(ip))
-            and self._per_ip.get(ip, 0) >= limits.max_per_ip
+            and not (limits.exempt_loopback and address == LOOPBACK)
+            and self._per_ip.get(address, 0) >= limits.max_per_ip
         ):
             return protocol.ERROR_PER_IP
         return None
 
-    def add_connection(self, sock: socket.socket, peer_id: str, ip: str) -> None:
-        """Serves a connected socket from now on."""
-        sock.setblocking(False)
-        set_socket_options(sock)
-        codec = LineCodec(self._limits.max_line)
-        conn = Connection(sock, peer_id, ip, codec, self._limits, self._clock())
-        self._connections[peer_id] = conn
-        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
-        self._selector.register(sock, selectors.EVENT_READ, conn)
-        self._arm_next_deadline(conn)
-        log.info("%s connected", peer_id)
+    def _cut_longest_waiting(self) -> None:
+        """Room for a newcomer: the connection that has waited longest to join goes, with one
+        line tried at once and no lingering, since it holds a place someone wants."""
+        conn = next(iter(self._unjoined))
+        del self._unjoined[conn]
+        log.info(
+            "closing %s: %d connections waiting to join", conn.peer_id, len(self._unjoined) + 1
+        )
+        conn.send_now(protocol.error_line(protocol.ERROR_TOO_MANY_WAITING))
+        self._schedule_close(conn)
 
     def _pause_accepting(self, exc: OSError) -> None:
         log.warning("not accepting for %g s: %s", ACCEPT_PAUSE_SECONDS, cli.describe(exc))
@@ -355,6 +377,7 @@ class ChatServer:
             elif isinstance(output, Joined):
                 conn = connections[output.member]
                 conn.join_by = None
+                del self._unjoined[conn]
                 self._fanout.add_member(conn)
                 log.info("%s joined (%d members)", output.member, output.members)
             elif isinstance(output, Left):
@@ -538,13 +561,29 @@ class ChatServer:
             conn.sock.close()
             self._discard_output(conn, keep=0)
             del self._connections[conn.peer_id]
+            self._unjoined.pop(conn, None)
             self._pending_input.pop(conn, None)
             self._pending_writes.pop(conn, None)
             self._per_ip[conn.address] -= 1
             if not self._per_ip[conn.address]:
                 del self._per_ip[conn.address]
+            if conn.check_at is not None:
+                conn.check_at = None
+                self._stale_timers += 1
             log.info("%s disconnected", conn.peer_id)
         self._to_close.clear()
+        self._forget_stale_timers()
+
+    def _forget_stale_timers(self) -> None:
+        """Drops the heap's entries for closed or rearmed peers once they are most of it, as
+        asyncio does with cancelled timers: a closed connection must not stay in memory until
+        its join deadline, a minute away, comes round."""
+        timers = self._timers
+        if self._stale_timers <= STALE_TIMERS_KEPT or 2 * self._stale_timers <= len(timers):
+            return
+        self._timers = [entry for entry in timers if entry[2].check_at == entry[0]]
+        heapq.heapify(self._timers)
+        self._stale_timers = 0
 
     # Deadlines
 
@@ -555,8 +594,10 @@ class ChatServer:
 
     def _arm(self, conn: Connection, when: float) -> None:
         """Makes sure conn's deadlines are looked at no later than when."""
-        if conn.check_at is not None and conn.check_at <= when:
-            return
+        if conn.check_at is not None:
+            if conn.check_at <= when:
+                return
+            self._stale_timers += 1  # the later check is superseded
         conn.check_at = when
         heapq.heappush(self._timers, (when, next(self._timer_order), conn))
 
@@ -576,7 +617,8 @@ class ChatServer:
         while self._timers and self._timers[0][0] <= now:
             when, _, conn = heapq.heappop(self._timers)
             if conn.closed or conn.check_at != when:
-                continue  # a check armed earlier has already looked
+                self._stale_timers -= 1
+                continue  # a check armed earlier has already looked, or the peer is gone
             conn.check_at = None
             try:
                 self._check_deadlines(conn, now)
@@ -653,17 +695,12 @@ def connection_cap(max_members: int) -> int:
     return max(1, min(max_members, soft - FD_RESERVE))
 
 
-def is_loopback(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip).is_loopback
-    except ValueError:  # a scoped IPv6 address on Python 3.8, say: not loopback
-        return False
-
-
-def set_socket_options(sock: socket.socket) -> None:
-    """TCP_NODELAY, since every line is a message of its own, and keepalive (Redis)."""
+def set_socket_options(sock: socket.socket, send_buffer: int) -> None:
+    """TCP_NODELAY, since every line is a message of its own; keepalive (Redis); and a fixed
+    send buffer, so the kernel holds little beside the queue the limits count."""
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for name, value in KEEPALIVE_OPTIONS.items():
@@ -706,6 +743,8 @@ LIMIT_FLAGS: list[tuple[str, Callable[[str], object], str, str]] = [
      "a member whose output queue stays over this for --sendq-soft-seconds is dropped"),
     ("--sendq-soft-seconds", _SECONDS, "SECONDS", "how long a queue may stay over --sendq-soft"),
     ("--sendq-hard", _BYTES, "BYTES", "a member whose output queue passes this is dropped"),
+    ("--send-buffer", cli.int_in_range(4096, 1 << 26), "BYTES",
+     "the kernel's send buffer for each member (SO_SNDBUF), on top of its output queue"),
     ("--sendq-total", _BYTES, "BYTES",
      "all output queues together; past it the largest is dropped first"),
     ("--write-timeout", _SECONDS, "SECONDS",
@@ -715,8 +754,12 @@ LIMIT_FLAGS: list[tuple[str, Callable[[str], object], str, str]] = [
     ("--flood-burst", _COUNT, "LINES", "lines a connection may send at once"),
     ("--max-members", _COUNT, "N",
      "most connections at once, lowered to fit the file-descriptor limit"),
+    ("--max-unjoined", _COUNT, "N",
+     "connections still to join, on top of the members; past it the longest waiting is cut"),
     ("--max-per-ip", cli.int_in_range(0, 1 << 30), "N",
-     "most connections from one address; 0 for no cap"),
+     "most connections from one address (all of loopback is one); 0 for no cap"),
+    ("--ipv6-prefix", cli.int_in_range(1, 128), "BITS",
+     "IPv6 addresses are counted against --max-per-ip by network of this prefix length"),
     ("--join-timeout", _SECONDS, "SECONDS", "a connection must send !Join within this"),
     ("--line-timeout", _SECONDS, "SECONDS", "a line must end within this of its first byte"),
 ]  # fmt: skip
@@ -763,11 +806,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         where = protocol.format_member_id(args.host, args.port)
         return cli.fail(PROG, f"cannot listen on {where}: {cli.describe(exc)}")
-    server = ChatServer(listener, limits, room=Room(history_lines=args.history))
-    if server.max_connections < limits.max_members:
+    server = ChatServer(listener, limits, history_lines=args.history)
+    if server.max_members < limits.max_members:
         log.warning(
             "at most %d members: the file-descriptor limit (ulimit -n) leaves no more",
-            server.max_connections,
+            server.max_members,
         )
     server.install_signal_handlers()
     host, port = listener.getsockname()[:2]

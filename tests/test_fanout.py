@@ -59,7 +59,7 @@ def test_a_visitor_gets_only_its_own_lines_and_a_turn_starts_empty() -> None:
     fanout.to_members(b"room\n")
     assert dict(fanout.take()) == {"a": b"room\n", "visitor": b"ERROR :Join first\n"}
     assert not fanout.has_lines() and fanout.pending_bytes == 0
-    assert fanout.take() == []
+    assert list(fanout.take()) == []
 
 
 PEERS = ["p0", "p1", "p2", "p3"]

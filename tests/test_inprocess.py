@@ -83,7 +83,7 @@ class InProcessRoom:
             fill(theirs)
         n = len(self.peers) + 1
         peer = Peer(ours, theirs, f"10.0.0.{n}:{40000 + n}")
-        self.server.add_connection(theirs, peer.member_id, f"10.0.0.{n}")
+        self.server.admit(theirs, f"10.0.0.{n}", 40000 + n)
         self.peers.append(peer)
         return peer
 
@@ -429,3 +429,57 @@ def test_an_error_while_delivering_to_one_member_drops_that_member_only(
                 f"* {failed} left (server error)",
                 f"[{talker.member_id}] after",
             ]
+
+
+# Caps on who may connect (issue 14): addresses counted by machine and by IPv6 network, and
+# connections still to join on a budget of their own.
+
+
+def connect_from(room: InProcessRoom, ip: str, port: int) -> socket.socket:
+    """A socketpair admitted as if accepted from ip:port; the test's end, non-blocking."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    room.server.admit(theirs, ip, port)
+    room.settle()
+    return ours
+
+
+def refused_with(sock: socket.socket) -> list[str]:
+    """What a refused or cut connection got before its end of stream: nothing else is open."""
+    sock.setblocking(True)
+    sock.settimeout(5)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data.decode().splitlines()
+
+
+def test_the_per_address_cap_counts_an_ipv6_network_as_one_and_spares_other_addresses(
+    make_room: type[InProcessRoom],
+) -> None:
+    room = make_room(max_per_ip=2, exempt_loopback=False)
+    held = [connect_from(room, "2001:db8:0:1::1", 1), connect_from(room, "2001:db8:0:1::2", 2)]
+    over = connect_from(room, "2001:db8:0:1:ffff::9", 3)
+    assert refused_with(over) == ["ERROR :Too many connections from your address"]
+    elsewhere = connect_from(room, "2001:db8:0:2::1", 4)
+    other_ipv4 = connect_from(room, "10.1.2.3", 5)
+    for sock in (*held, elsewhere, other_ipv4):
+        sock.sendall(b"!Join\n")
+    room.settle()
+    for sock in (elsewhere, other_ipv4):
+        assert sock.recv(4096).startswith(b"* Welcome")
+
+
+def test_connections_that_never_join_cannot_keep_anyone_out(
+    make_room: type[InProcessRoom],
+) -> None:
+    room = make_room(max_members=3, max_unjoined=2)
+    idle = [connect_from(room, f"10.9.0.{n}", 1000 + n) for n in range(6)]
+    for sock in idle[:4]:  # each newcomer past the budget cut the one that waited longest
+        assert refused_with(sock) == [
+            "ERROR :Too many connections waiting to join: send !Join at once"
+        ]
+    members = [room.join() for _ in range(3)]  # the room was never full: they all get in
+    assert all(member.lines()[0].startswith("* Welcome") for member in members)
+    late = connect_from(room, "10.9.1.1", 2000)  # now it is: refused at once, saying so
+    assert refused_with(late) == ["ERROR :Server full (max 3 members)"]

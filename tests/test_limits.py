@@ -1,10 +1,11 @@
-"""chatroom_limits without sockets: the token bucket, at its burst and one line over."""
+"""chatroom.limits without sockets: the token bucket at its burst and one line over, and whose
+connections count together against the per-address cap."""
 
 from __future__ import annotations
 
 import pytest
 
-from chatroom.limits import Limits, TokenBucket
+from chatroom.limits import LOOPBACK, Limits, TokenBucket, address_key
 
 
 def lines_allowed(bucket: TokenBucket, now: float, wanted: int) -> int:
@@ -38,3 +39,28 @@ def test_the_defaults_follow_the_issue() -> None:
         64 * 1024 * 1024,
     )
     assert (limits.max_line, limits.join_timeout, limits.line_timeout) == (4096, 60.0, 30.0)
+
+
+@pytest.mark.parametrize(
+    ("ip", "key"),
+    [
+        ("127.0.0.1", LOOPBACK),
+        ("127.0.0.2", LOOPBACK),  # not someone else: the same machine
+        ("127.255.3.9", LOOPBACK),
+        ("::1", LOOPBACK),
+        ("::ffff:127.0.0.1", LOOPBACK),
+        ("192.168.1.20", "192.168.1.20"),
+        ("::ffff:192.168.1.20", "192.168.1.20"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),  # the same subscriber
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("not an address", "not an address"),
+    ],
+)
+def test_addresses_are_counted_together_by_machine_and_by_ipv6_network(ip: str, key: str) -> None:
+    assert address_key(ip, 64) == key
+
+
+def test_the_ipv6_prefix_is_a_setting() -> None:
+    assert address_key("2001:db8:1:2:aaaa::1", 48) == "2001:db8:1::/48"
+    assert address_key("2001:db8:1:2:aaaa::1", 128) == "2001:db8:1:2:aaaa::1/128"

@@ -29,7 +29,7 @@ A, B, C = "10.0.0.1:1", "10.0.0.2:2", "[::1]:3"
 
 
 def joined_room(*peers: str) -> Room:
-    room = Room()
+    room = Room(capacity=100_000)
     for peer in peers:
         room.handle(peer, protocol.Join(), now=0.0)
     return room
@@ -119,7 +119,7 @@ class Inbox:
 class RoomRules(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.room = Room()
+        self.room = Room(capacity=100_000)
         self.members: list[str] = []  # our own model: who is in, in join order
         self.inboxes: dict[str, Inbox] = {}
         self.expected: dict[str, list[bytes]] = {}  # what each peer must have received
@@ -410,7 +410,7 @@ def test_a_bad_command_is_an_error_to_its_sender_alone() -> None:
 
 
 def test_a_newcomer_gets_the_last_lines_with_their_times_between_two_notices() -> None:
-    room = Room(history_lines=2)
+    room = Room(capacity=100_000, history_lines=2)
     room.handle(A, protocol.Join("alice"), now=0.0)
     for n, said_at in enumerate((60.0, 120.0, 180.0)):
         room.handle(A, protocol.Say(f"line {n}"), now=said_at)
@@ -432,15 +432,26 @@ def test_a_newcomer_gets_the_last_lines_with_their_times_between_two_notices() -
 
 
 def test_history_is_bounded_in_bytes_too_and_can_be_turned_off() -> None:
-    room = Room(history_lines=100, history_bytes=3000)
+    room = Room(capacity=100_000, history_lines=100, history_bytes=3000)
     room.handle(A, protocol.Join(), now=0.0)
     for n in range(10):
         room.handle(A, protocol.Say(f"{n}" * 1000), now=1.0)
     replay = lines_to(room.handle(B, protocol.Join(), now=2.0), B)[2:-1]
     assert len(replay) == 2 and sum(len(line) for line in replay) <= 3000 + 2 * 20
-    silent = Room(history_lines=0)
+    silent = Room(capacity=100_000, history_lines=0)
     silent.handle(A, protocol.Join(), now=0.0)
     silent.handle(A, protocol.Say("hello"), now=1.0)
     assert lines_to(silent.handle(B, protocol.Join(), now=2.0), B) == [
         b"* Welcome, 10.0.0.2:2. Others here: 1\n"
     ]
+
+
+def test_a_full_room_refuses_a_join_and_disconnects_the_peer() -> None:
+    room = Room(capacity=2)
+    for peer in (A, B):
+        room.handle(peer, protocol.Join(), now=0.0)
+    assert room.handle(C, protocol.Join(), now=1.0) == [
+        ToPeer(C, b"ERROR :Server full (max 2 members)\n"),
+        Disconnect(C),
+    ]
+    assert room.members() == [A, B]

@@ -39,8 +39,10 @@ class Limits:
     # (Ergo and Solanum: burst 5, 2/s; RFC 1459: burst 5, 1 per 2 s). 0 turns it off.
     flood_rate: float = 2.0
     flood_burst: int = 20
-    # Redis' maxclients default; the server lowers it to what its file descriptors allow.
-    max_members: int = 1024
+    # Redis' maxclients default: a join storm of 10,000 fits with the default settings. The
+    # server raises its own open-files limit to fit it, as far as the hard limit allows, and
+    # only past that lowers it (Redis' adjustOpenFilesLimit).
+    max_members: int = 10_000
     # Connections that have not joined yet, on top of the members: a client sends !Join at
     # once, so even a join storm has only a few turns' accepts (64 a turn) waiting. Past this,
     # the one that has waited longest is cut, so idle connections can never keep anyone out.

@@ -52,6 +52,9 @@ ACCEPTS_PER_TURN = 64
 # standard streams and a margin, as Redis keeps 32.
 FD_RESERVE = 32
 
+# When setrlimit refuses the open-files limit wanted, try this many fewer, and again (Redis).
+OPEN_FILES_STEP = 16
+
 # Out of descriptors, accept() fails at once however often it is called: wait this long before
 # trying again instead of spinning (asyncio waits 1 s, nginx 500 ms).
 ACCEPT_PAUSE_SECONDS = 1.0
@@ -695,6 +698,28 @@ def connection_cap(max_members: int) -> int:
     return max(1, min(max_members, soft - FD_RESERVE))
 
 
+def raise_open_files_limit(wanted: int) -> int:
+    """Raises this process' soft open-files limit towards wanted, as far as the hard limit
+    allows, stepping down while setrlimit refuses (Redis' adjustOpenFilesLimit); never lowers
+    it. Gives the soft limit in force afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return soft
+    best = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    while best > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (best, hard))
+        except (ValueError, OSError):  # above the kernel's nr_open, or a container's cap
+            best -= OPEN_FILES_STEP
+        else:
+            return best
+    return soft
+
+
+def describe_limit(value: int) -> str:
+    return "unlimited" if value == resource.RLIM_INFINITY else str(value)
+
+
 def set_socket_options(sock: socket.socket, send_buffer: int) -> None:
     """TCP_NODELAY, since every line is a message of its own; keepalive (Redis); and a fixed
     send buffer, so the kernel holds little beside the queue the limits count."""
@@ -753,7 +778,8 @@ LIMIT_FLAGS: list[tuple[str, Callable[[str], object], str, str]] = [
      "lines a second each connection may send after its burst; 0 turns flood control off"),
     ("--flood-burst", _COUNT, "LINES", "lines a connection may send at once"),
     ("--max-members", _COUNT, "N",
-     "most connections at once, lowered to fit the file-descriptor limit"),
+     "most connections at once; the open-files limit is raised to fit, as far as the hard "
+     "limit allows, and past that the cap is lowered"),
     ("--max-unjoined", _COUNT, "N",
      "connections still to join, on top of the members; past it the longest waiting is cut"),
     ("--max-per-ip", cli.int_in_range(0, 1 << 30), "N",
@@ -806,11 +832,17 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         where = protocol.format_member_id(args.host, args.port)
         return cli.fail(PROG, f"cannot listen on {where}: {cli.describe(exc)}")
+    open_files = raise_open_files_limit(limits.max_members + limits.max_unjoined + FD_RESERVE)
     server = ChatServer(listener, limits, history_lines=args.history)
     if server.max_members < limits.max_members:
         log.warning(
-            "at most %d members: the file-descriptor limit (ulimit -n) leaves no more",
+            "at most %d members, not %d: %d open files allowed (ulimit -n; hard limit %s), "
+            "%d of them kept for the server",
             server.max_members,
+            limits.max_members,
+            open_files,
+            describe_limit(resource.getrlimit(resource.RLIMIT_NOFILE)[1]),
+            FD_RESERVE,
         )
     server.install_signal_handlers()
     host, port = listener.getsockname()[:2]

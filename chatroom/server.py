@@ -31,6 +31,7 @@ from chatroom.connection import RECV_SIZE, Connection, Deadline, LineCodec
 from chatroom.fanout import Fanout
 from chatroom.limits import LOOPBACK, Limits, address_key
 from chatroom.room import HISTORY_LINES, Joined, Left, Output, Room, ToMembers, ToPeer
+from chatroom.stats import Stats
 
 log = logging.getLogger("chatroom.server")
 
@@ -72,6 +73,18 @@ LINGER_SECONDS = 2.0
 # Stale timer entries tolerated before the heap is cleaned (asyncio keeps up to 100, and cleans
 # when they pass half of the heap).
 STALE_TIMERS_KEPT = 100
+
+# How often the status line is logged unprompted. Redis logs its client count every 5 s, but at
+# its verbose level; once a minute keeps an info log readable (1,440 lines a day) however many
+# members come and go, each of whom is logged only at debug.
+STATUS_SECONDS = 60.0
+
+LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 # How long shutdown lets goodbyes drain before closing the rest: the process must exit within 2 s.
 SHUTDOWN_GRACE_SECONDS = 1.0
@@ -117,6 +130,9 @@ class ChatServer:
         self._accept_paused_until: float | None = None  # out of descriptors: resume then
         self._stop_signal: int | None = None  # set by the signal handler; the loop stops
         self._status_requested = False  # SIGUSR1: log one status line
+        self._stats = Stats(since=clock())  # joins and leaves since the last status line
+        self._status_every: float | None = None  # log the status this often; None: only on SIGUSR1
+        self._status_at: float | None = None  # when the next unprompted status line is due
         # The signal handler writes to _wakeup_writer (set_wakeup_fd), which wakes select().
         self._wakeup_reader, self._wakeup_writer = socket.socketpair()
         for sock in (listener, self._wakeup_reader, self._wakeup_writer):
@@ -157,7 +173,7 @@ class ChatServer:
         self._handle_pending_input()
         self._flush()
         self._close_scheduled()
-        if self._status_requested:
+        if self._status_requested or self._status_due():
             self._log_status()
         busy = busy or self._has_work_waiting()
         events = self._selector.select(0 if busy else self._seconds_to_wake(give_up_at))
@@ -175,15 +191,25 @@ class ChatServer:
         waiting = self._pending_input, self._pending_writes, self._finishing, self._to_close
         return self._fanout.has_lines() or any(waiting)
 
+    def log_status_every(self, seconds: float) -> None:
+        """Logs the status line every so many seconds, as well as on SIGUSR1; 0: only then."""
+        self._status_every = seconds or None
+        self._status_at = self._clock() + seconds if seconds else None
+
+    def _status_due(self) -> bool:
+        return self._status_at is not None and self._clock() >= self._status_at
+
     def _log_status(self) -> None:
+        """One line: the room now, and the joins and leaves since the last such line."""
+        now = self._clock()
         self._status_requested = False
-        log.info(
-            "status: %d members, %d connections (max %d), %d bytes queued",
-            len(self._room),
-            len(self._connections),
-            self.max_connections,
-            self._queued_bytes,
+        if self._status_every is not None and self._status_due():
+            self._status_at = now + self._status_every
+        line = self._stats.summary_line(
+            now, len(self._room), len(self._connections), self.max_connections, self._queued_bytes
         )
+        log.info("%s", line)
+        self._stats.restart(now)
 
     # Accepting
 
@@ -221,7 +247,7 @@ class ChatServer:
         self._per_ip[address] = self._per_ip.get(address, 0) + 1
         self._selector.register(sock, selectors.EVENT_READ, conn)
         self._arm_next_deadline(conn)
-        log.info("%s connected", peer_id)
+        log.debug("%s connected", peer_id)
 
     def _refusal_for(self, address: str) -> str | None:
         open_now = len(self._connections) - len(self._to_close)
@@ -382,10 +408,12 @@ class ChatServer:
                 conn.join_by = None
                 del self._unjoined[conn]
                 self._fanout.add_member(conn)
-                log.info("%s joined (%d members)", output.member, output.members)
+                log.debug("%s joined (%d members)", output.member, output.members)
+                self._stats.joined()
             elif isinstance(output, Left):
                 self._fanout.remove_member(connections[output.member])
-                log.info("%s left (%s)", output.member, output.reason)
+                log.debug("%s left (%s)", output.member, output.reason)
+                self._stats.left(output.reason)
             else:
                 self._finish(connections[output.peer])
 
@@ -573,7 +601,7 @@ class ChatServer:
             if conn.check_at is not None:
                 conn.check_at = None
                 self._stale_timers += 1
-            log.info("%s disconnected", conn.peer_id)
+            log.debug("%s disconnected", conn.peer_id)
         self._to_close.clear()
         self._forget_stale_timers()
 
@@ -607,7 +635,8 @@ class ChatServer:
     def _seconds_to_wake(self, give_up_at: float | None) -> float | None:
         """How long select() may sleep: until the nearest deadline, or forever if none."""
         next_timer = self._timers[0][0] if self._timers else None
-        wake_at = [t for t in (give_up_at, next_timer, self._accept_paused_until) if t is not None]
+        wake_times = (give_up_at, next_timer, self._accept_paused_until, self._status_at)
+        wake_at = [t for t in wake_times if t is not None]
         return max(0.0, min(wake_at) - self._clock()) if wake_at else None
 
     def _fire_timers(self) -> bool:
@@ -818,13 +847,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=DEFAULT_LIMITS.exempt_loopback,
         help="leave connections from this machine out of --max-per-ip (default: exempt)",
     )
+    logs = parser.add_argument_group("logging (on stderr)")
+    logs.add_argument(
+        "--log-level",
+        choices=list(LOG_LEVELS),
+        default="info",
+        help="debug adds a line for every member who connects, joins, leaves, disconnects "
+        "(default: %(default)s)",
+    )
+    logs.add_argument(
+        "--summary-seconds",
+        type=cli.float_in_range(0, 1e9),
+        default=STATUS_SECONDS,
+        metavar="SECONDS",
+        help="log a status line (members, joins and leaves since the last one, bytes queued) "
+        "this often, and on SIGUSR1; 0: only on SIGUSR1 (default: %(default)g)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr
+        level=LOG_LEVELS[args.log_level],
+        format="%(asctime)s %(name)s %(message)s",
+        stream=sys.stderr,
     )
     limits = Limits(**{field.name: getattr(args, field.name) for field in fields(Limits)})
     try:
@@ -844,6 +891,7 @@ def main(argv: list[str] | None = None) -> int:
             describe_limit(resource.getrlimit(resource.RLIMIT_NOFILE)[1]),
             FD_RESERVE,
         )
+    server.log_status_every(args.summary_seconds)
     server.install_signal_handlers()
     host, port = listener.getsockname()[:2]
     print(f"listening on {protocol.format_member_id(host, port)}", flush=True)

@@ -382,7 +382,7 @@ def test_a_flooders_lines_reach_others_no_faster_than_the_bucket_and_others_are_
 def test_connection_over_max_members_gets_one_line_and_eof_and_a_freed_place_is_reused(
     room: Room,
 ) -> None:
-    server = room.server("--max-members", "3")
+    server = room.server("--max-members", "3", "--log-level", "debug")  # logs disconnects
     members = room.joined_members(server.port, 3)
     started = time.monotonic()
     extra = room.member(server.port)
@@ -416,7 +416,8 @@ def test_loopback_is_exempt_from_the_per_address_cap_by_default(room: Room) -> N
 def test_with_64_descriptors_200_connections_are_held_off_cheaply_and_members_keep_chatting(
     room: Room, record_property: Callable[[str, object], None]
 ) -> None:
-    server = room.server(*NO_FLOOD_CONTROL, open_files=64)  # leaves 64 - 32 = 32 connections
+    # 64 descriptors leave 64 - 32 = 32 connections; debug logs each disconnect.
+    server = room.server(*NO_FLOOD_CONTROL, "--log-level", "debug", open_files=64)
     server.stderr.expect("at most 32 members")
     alice, bob = room.joined_members(server.port, 2)
     storm = [room.member(server.port) for _ in range(200)]

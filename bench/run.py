@@ -1,12 +1,14 @@
 """The chat room benchmark: our server side by side with a thread-per-client server, an asyncio
 server and Redis pub/sub, all driven by one C load generator (bench/loadgen.c, compiled here).
 
-    python bench/run.py            everything (about 10 minutes)
+    python bench/run.py            everything (about 15 minutes)
     python bench/run.py --quick    each scenario once, for a second or two (CI runs this)
+    python bench/run.py --scenarios fan-out chatty     only those, for a quick before/after
 
 The server runs on CPU 0 and the load generator on CPU 1 (taskset), so runs compare. Redis
 comes from Debian's packages (apt-get install redis-server) and is skipped, with a message,
-where redis-server is missing. Prints a Markdown report; BENCHMARKS.md holds one full run.
+where redis-server is missing. Prints a Markdown report and writes it to bench/results/
+(bench/results/quick/ for --quick); BENCHMARKS.md holds one full run.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,11 @@ SERVER_CPU, LOADGEN_CPU = "0", "1"
 OPEN_FILES = 20000  # 10,000 members on each side, with room to spare
 PASS_DELIVERED = 0.999  # a rate passes when this share of deliveries arrives ...
 PASS_P99_MS = 100.0  # ... with this p99 latency, in order, none echoed
+SCENARIOS = ["fan-out", "chatty", "scale", "overload"]
+SCALE_SENDERS, SCALE_RATE = 1, 10.0  # the scale scenario: one member sends 10 messages/s
+# Servers whose join time is also measured at smaller rooms, for the scale picture: ours and
+# the C server beside it (the Python peers do not join 10,000 at all).
+SCALE_SWEPT = ("chatroom", "redis")
 Result = dict[str, Any]
 
 
@@ -58,9 +65,7 @@ SERVERS = [
             str(port),
             "--flood-rate",
             "0",  # the one limit the benchmark turns off: it sends in bulk on purpose
-            "--max-members",
-            "20000",  # room for the 10,000-member scenario
-        ],
+        ],  # everything else as shipped: 10,000 members fit the default --max-members
     ),
     Server("asyncio", "chat", lambda port: python_peer("asyncio_server.py", port)),
     Server("threads", "chat", lambda port: python_peer("thread_server.py", port)),
@@ -93,6 +98,51 @@ class Sweep:
     seconds: float
 
 
+@dataclass(frozen=True)
+class Plan:
+    fan_out: Sweep
+    chatty: Sweep
+    scale_members: int  # the scale scenario's room, in the table
+    scale_seconds: float
+    scale_sizes: list[int]  # smaller rooms, joined only for the picture of join time
+    overload_seconds: float
+
+
+QUICK = Plan(
+    fan_out=Sweep("fan-out", 1000, 10, [500.0], 1),
+    chatty=Sweep("chatty", 50, 50, [2000.0], 1),
+    scale_members=2000,
+    scale_seconds=1.0,
+    scale_sizes=[500],
+    overload_seconds=1.0,
+)
+FULL = Plan(
+    fan_out=Sweep(
+        "fan-out",
+        1000,
+        10,
+        [50, 100, 250, 500, 1000, 2000, 3000, 4000, 6000, 8000, 12000, 16000, 24000],
+        5,
+    ),
+    chatty=Sweep("chatty", 50, 50, [1000, 2000, 4000, 8000, 16000, 32000, 64000, 96000, 128000], 5),
+    scale_members=10_000,
+    scale_seconds=10.0,
+    scale_sizes=[1000, 2500, 5000],
+    overload_seconds=10.0,
+)
+
+
+@dataclass
+class Results:
+    """Everything one run measured, by scenario and server."""
+
+    fan_out: dict[str, list[Result]] = field(default_factory=dict)  # every rate tried
+    chatty: dict[str, list[Result]] = field(default_factory=dict)
+    scale: dict[str, Result] = field(default_factory=dict)  # the full-size room
+    scale_sizes: dict[str, list[Result]] = field(default_factory=dict)  # smaller rooms, and it
+    overload: dict[str, Result] = field(default_factory=dict)
+
+
 def limit_open_files() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (OPEN_FILES, OPEN_FILES))
 
@@ -119,6 +169,20 @@ def proc_status(pid: int, field: str) -> float:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def listen_overflows() -> int | None:
+    """The kernel's count of connections dropped because a listen queue was full (TcpExt
+    ListenOverflows in /proc/net/netstat, what nstat shows); None where it cannot be read."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines, lines[1:]):
+        if names.startswith("TcpExt:") and values.startswith("TcpExt:"):
+            counters = dict(zip(names.split()[1:], values.split()[1:]))
+            return int(counters["ListenOverflows"]) if "ListenOverflows" in counters else None
+    return None
 
 
 class Running:
@@ -149,6 +213,7 @@ class Running:
     ) -> Result:
         """Runs the load generator once and adds the server's CPU and memory to its report."""
         cpu_before, started = cpu_seconds(self.proc.pid), time.monotonic()
+        overflows_before = listen_overflows()
         command = [str(loadgen), self.server.mode, "127.0.0.1", str(self.port)]
         command += [str(members), str(senders), f"{rate:g}", f"{seconds:g}", "64"]
         try:
@@ -164,11 +229,17 @@ class Running:
         except subprocess.TimeoutExpired:
             return {"rate": rate, "passed": False, "timed_out": True}
         elapsed = time.monotonic() - started
+        overflows_after = listen_overflows()
+        if overflows_before is not None and overflows_after is not None:
+            # Only the join opens connections, so this counts the join storm's overflows.
+            result["listen_overflows"] = overflows_after - overflows_before
         result["rate"] = rate
+        result["members"] = members
         result["server_cpu_pct"] = 100 * (cpu_seconds(self.proc.pid) - cpu_before) / elapsed
         result["server_rss_mib"] = proc_status(self.proc.pid, "VmRSS")
         result["server_peak_mib"] = proc_status(self.proc.pid, "VmHWM")
         result["idle_mib"] = self.idle_mib
+        result["kib_per_member"] = 1024 * (result["server_rss_mib"] - self.idle_mib) / members
         result["loadgen_cpu_pct"] = 100 * result["cpu_seconds"] / max(result["wall_seconds"], 1e-9)
         result["deliveries_per_s"] = result["delivered"] / max(result["wall_seconds"], 1e-9)
         result["passed"] = (
@@ -226,8 +297,23 @@ def overload(server: Server, loadgen: Path, rate: float, seconds: float) -> Resu
         running.stop()
 
 
+def scale(server: Server, loadgen: Path, plan: Plan) -> tuple[Result, list[Result]]:
+    """The full-size room for the table; for the picture also the smaller rooms, which only
+    need to join, so they run briefly."""
+    load = (SCALE_SENDERS, SCALE_RATE)
+    point = measure(server, loadgen, plan.scale_members, *load, plan.scale_seconds)
+    log(server.name, "scale", point)
+    sizes = []
+    if server.name in SCALE_SWEPT:
+        for members in plan.scale_sizes:
+            sizes.append(measure(server, loadgen, members, *load, min(plan.scale_seconds, 1.0)))
+            log(server.name, f"scale {members}", sizes[-1])
+    return point, [*sizes, point]
+
+
 def log(server: str, scenario: str, point: Result) -> None:
-    shown = {key: point.get(key) for key in ("rate", "passed", "delivered", "expected", "p99_ms")}
+    keys = ("rate", "passed", "delivered", "expected", "p99_ms", "join_seconds", "listen_overflows")
+    shown = {key: point[key] for key in keys if key in point}
     print(f"  {server:9} {scenario:9} {shown}", file=sys.stderr, flush=True)
 
 
@@ -262,7 +348,8 @@ def cell(point: Result | None, key: str, form: str = "{:,.0f}") -> str:
     return form.format(value) if isinstance(value, (int, float)) else str(value)
 
 
-def sweep_table(title: str, results: dict[str, Result | None]) -> list[str]:
+def sweep_table(title: str, points: dict[str, list[Result]]) -> list[str]:
+    results = {name: best_passing(tried) for name, tried in points.items()}
     lines = [
         f"### {title}",
         "",
@@ -289,44 +376,54 @@ def sweep_table(title: str, results: dict[str, Result | None]) -> list[str]:
     return [*lines, ""]
 
 
-def report(
-    quick: bool,
-    fan_out: dict[str, Result | None],
-    chatty: dict[str, Result | None],
-    scale: dict[str, Result],
-    overloads: dict[str, Result],
-    members_at_scale: int,
-) -> str:
-    redis = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
+def best_passing(points: list[Result]) -> Result | None:
+    """The highest rate that passed: the sweep stops at the first that fails."""
+    passed = [point for point in points if point["passed"]]
+    return passed[-1] if passed else None
+
+
+def scale_table(
+    members: int, scale: dict[str, Result], sizes: dict[str, list[Result]]
+) -> list[str]:
     lines = [
-        f"Command: `python bench/run.py{' --quick' if quick else ''}`  ",
-        f"Machine: {os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}"
-        + (f", {redis.split()[2]}" if redis else ""),
-        f"A rate passes when ≥ {PASS_DELIVERED:.1%} of deliveries arrive, in per-sender order, "
-        f"none echoed, with p99 ≤ {PASS_P99_MS:.0f} ms. Latency runs from each message's "
-        "scheduled send time (open loop).",
+        f"### Scale: {members:,} members, one sending {SCALE_RATE:g} messages/s",
         "",
-        *sweep_table("Fan-out: 1,000 members, 10 sending, 64-byte messages", fan_out),
-        *sweep_table("Chatty room: 50 members, all sending", chatty),
-        f"### Scale: {members_at_scale:,} members, one sending 10 messages/s",
-        "",
-        "| server | all joined in (s) | p99 ms | delivered | memory per member (KiB) |",
-        "|---|---|---|---|---|",
+        "| server | all joined in (s) | listen-queue overflows while joining | p99 ms "
+        "| delivered | memory per member (KiB) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, point in scale.items():
-        per_member = (
-            1024 * (point["server_rss_mib"] - point["idle_mib"]) / members_at_scale
-            if "server_rss_mib" in point
-            else None
-        )
-        lines.append(
-            f"| {name} | {cell(point, 'join_seconds', '{:.2f}')} "
-            f"| {cell(point, 'p99_ms', '{:.2f}')} "
-            f"| {cell(point, 'delivered')}/{cell(point, 'expected')} "
-            f"| {'—' if per_member is None else f'{per_member:.2f}'} |"
-        )
-    lines += [
-        "",
+        lines.append(scale_row(name, point))
+    if sizes:
+        lines += [
+            "",
+            "Smaller rooms (the picture's other points):",
+            "",
+            "| server | members | all joined in (s) | listen-queue overflows while joining "
+            "| memory per member (KiB) |",
+            "|---|---|---|---|---|",
+        ]
+        for name, points in sizes.items():
+            for point in points[:-1]:  # the last is the full-size room, in the table above
+                lines.append(
+                    f"| {name} | {point['members']:,} | {cell(point, 'join_seconds', '{:.2f}')} "
+                    f"| {cell(point, 'listen_overflows')} "
+                    f"| {cell(point, 'kib_per_member', '{:.2f}')} |"
+                )
+    return [*lines, ""]
+
+
+def scale_row(name: str, point: Result) -> str:
+    return (
+        f"| {name} | {cell(point, 'join_seconds', '{:.2f}')} "
+        f"| {cell(point, 'listen_overflows')} | {cell(point, 'p99_ms', '{:.2f}')} "
+        f"| {cell(point, 'delivered')}/{cell(point, 'expected')} "
+        f"| {cell(point, 'kib_per_member', '{:.2f}')} |"
+    )
+
+
+def overload_table(overloads: dict[str, Result]) -> list[str]:
+    lines = [
         "### Overload: twice the highest passing fan-out rate, then half of it again",
         "",
         "| server | rate (msg/s) | delivered | members dropped as too slow | memory growth (MiB) "
@@ -339,7 +436,35 @@ def report(
             f"| {cell(point, 'dropped_slow')} | {cell(point, 'growth_mib', '{:.1f}')} "
             f"| {cell(point, 'recovered')} ({cell(point, 'recovery_p99_ms', '{:.1f}')}) |"
         )
-    return "\n".join(lines) + "\n"
+    return [*lines, ""]
+
+
+def report(command: str, plan: Plan, results: Results) -> str:
+    redis = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
+    lines = [
+        f"Command: `{command}`  ",
+        f"Machine: {os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}"
+        + (f", {redis.split()[2]}" if redis else ""),
+        f"A rate passes when ≥ {PASS_DELIVERED:.1%} of deliveries arrive, in per-sender order, "
+        f"none echoed, with p99 ≤ {PASS_P99_MS:.0f} ms. Latency runs from each message's "
+        "scheduled send time (open loop).",
+        "",
+    ]
+    if results.fan_out:
+        title = (
+            f"Fan-out: {plan.fan_out.members:,} members, {plan.fan_out.senders} sending, "
+            "64-byte messages"
+        )
+        lines += sweep_table(title, results.fan_out)
+    if results.chatty:
+        lines += sweep_table(
+            f"Chatty room: {plan.chatty.members} members, all sending", results.chatty
+        )
+    if results.scale:
+        lines += scale_table(plan.scale_members, results.scale, results.scale_sizes)
+    if results.overload:
+        lines += overload_table(results.overload)
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -348,35 +473,49 @@ def main() -> int:
     parser.add_argument(
         "--servers", nargs="+", default=[server.name for server in SERVERS], help="which to run"
     )
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        choices=SCENARIOS,
+        default=SCENARIOS,
+        help="which to run (default: all); overload runs at twice fan-out's best rate, so it "
+        "brings fan-out along",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="where the report goes (default: bench/results, or bench/results/quick with --quick)",
+    )
     args = parser.parse_args()
     servers = available([server for server in SERVERS if server.name in args.servers])
-    if args.quick:
-        fan_out_plan = Sweep("fan-out", 1000, 10, [500], 1)
-        chatty_plan = Sweep("chatty", 50, 50, [2000], 1)
-        scale_members, scale_seconds, overload_seconds = 2000, 1.0, 1.0
-    else:
-        rates = [50, 100, 250, 500, 1000, 2000, 3000, 4000, 6000, 8000, 12000, 16000, 24000]
-        fan_out_plan = Sweep("fan-out", 1000, 10, [float(rate) for rate in rates], 5)
-        chatty_rates = [1000, 2000, 4000, 8000, 16000, 32000, 64000, 96000, 128000]
-        chatty_plan = Sweep("chatty", 50, 50, [float(rate) for rate in chatty_rates], 5)
-        scale_members, scale_seconds, overload_seconds = 10_000, 10.0, 10.0
+    chosen = set(args.scenarios) | ({"fan-out"} if "overload" in args.scenarios else set())
+    plan = QUICK if args.quick else FULL
+    out: Path = args.out or (BENCH / "results" / "quick" if args.quick else BENCH / "results")
+    results = Results()
     with tempfile.TemporaryDirectory() as folder:
         loadgen = compile_loadgen(Path(folder))
-        fan_out: dict[str, Result | None] = {}
-        chatty: dict[str, Result | None] = {}
-        scale: dict[str, Result] = {}
-        overloads: dict[str, Result] = {}
         for server in servers:
-            fan_out[server.name], _ = sweep(server, loadgen, fan_out_plan)
-            chatty[server.name], _ = sweep(server, loadgen, chatty_plan)
-            point = measure(server, loadgen, scale_members, 1, 10, scale_seconds)
-            log(server.name, "scale", point)
-            scale[server.name] = point
-            best = fan_out[server.name]
-            overloads[server.name] = overload(
-                server, loadgen, best["rate"] if best else fan_out_plan.rates[0], overload_seconds
-            )
-    print(report(args.quick, fan_out, chatty, scale, overloads, scale_members))
+            if "fan-out" in chosen:
+                _, results.fan_out[server.name] = sweep(server, loadgen, plan.fan_out)
+            if "chatty" in chosen:
+                _, results.chatty[server.name] = sweep(server, loadgen, plan.chatty)
+            if "scale" in chosen:
+                point, sizes = scale(server, loadgen, plan)
+                results.scale[server.name] = point
+                if server.name in SCALE_SWEPT:
+                    results.scale_sizes[server.name] = sizes
+            if "overload" in chosen:
+                best = best_passing(results.fan_out[server.name])
+                rate = best["rate"] if best else plan.fan_out.rates[0]
+                results.overload[server.name] = overload(
+                    server, loadgen, rate, plan.overload_seconds
+                )
+    command = " ".join(["python bench/run.py", *sys.argv[1:]])
+    text = report(command, plan, results)
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(text)
+    print(f"report in {out / 'results.md'}", file=sys.stderr)
     return 0
 
 

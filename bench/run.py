@@ -7,8 +7,9 @@ server and Redis pub/sub, all driven by one C load generator (bench/loadgen.c, c
 
 The server runs on CPU 0 and the load generator on CPU 1 (taskset), so runs compare. Redis
 comes from Debian's packages (apt-get install redis-server) and is skipped, with a message,
-where redis-server is missing. Prints a Markdown report and writes it to bench/results/
-(bench/results/quick/ for --quick); BENCHMARKS.md holds one full run.
+where redis-server is missing. Prints a Markdown report and writes it, with one picture per
+scenario (matplotlib), to bench/results/ (bench/results/quick/ for --quick); BENCHMARKS.md
+holds one full run.
 """
 
 from __future__ import annotations
@@ -467,6 +468,52 @@ def report(command: str, plan: Plan, results: Results) -> str:
     return "\n".join(lines)
 
 
+def draw_pictures(out: Path, plan: Plan, results: Results, quick: bool) -> None:
+    """One PNG per scenario that ran, next to results.md; smaller with --quick."""
+    try:
+        import pictures  # bench/pictures.py; needs matplotlib (requirements-dev.txt)
+    except ImportError as exc:
+        print(f"no pictures: {exc} (pip install -r requirements-dev.txt)", file=sys.stderr)
+        return
+    dpi = 50 if quick else 120
+
+    def p99_against_rate(points: dict[str, list[Result]]) -> pictures.Series:
+        return {
+            name: [(p["rate"], p["p99_ms"], p["passed"]) for p in tried if p.get("p99_ms", -1) > 0]
+            for name, tried in points.items()
+        }
+
+    if results.fan_out:
+        title = f"Fan-out: {plan.fan_out.members:,} members, {plan.fan_out.senders} sending"
+        pictures.latency_against_rate(
+            out / "fan-out.png", title, p99_against_rate(results.fan_out), PASS_P99_MS, dpi
+        )
+    if results.chatty:
+        title = f"Chatty room: {plan.chatty.members} members, all sending"
+        pictures.latency_against_rate(
+            out / "chatty.png", title, p99_against_rate(results.chatty), PASS_P99_MS, dpi
+        )
+    if results.scale_sizes:
+        joined = {
+            name: [(p["members"], p["join_seconds"], p["joined"] >= p["members"]) for p in points]
+            for name, points in results.scale_sizes.items()
+        }
+        memory = {
+            name: [(p["members"], p["kib_per_member"], p["joined"] >= p["members"]) for p in points]
+            for name, points in results.scale_sizes.items()
+        }
+        title = f"Scale: rooms up to {plan.scale_members:,} members joining at once"
+        pictures.scale(out / "scale.png", title, joined, memory, dpi)
+    if results.overload:
+        pictures.overload(
+            out / "overload.png",
+            "Overload: twice each server's highest passing fan-out rate",
+            {name: point["delivered_pct"] for name, point in results.overload.items()},
+            {name: max(point["growth_mib"], 0.1) for name, point in results.overload.items()},
+            dpi,
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="each scenario once, briefly")
@@ -484,7 +531,8 @@ def main() -> int:
     parser.add_argument(
         "--out",
         type=Path,
-        help="where the report goes (default: bench/results, or bench/results/quick with --quick)",
+        help="where the report and pictures go (default: bench/results, or bench/results/quick "
+        "with --quick)",
     )
     args = parser.parse_args()
     servers = available([server for server in SERVERS if server.name in args.servers])
@@ -515,7 +563,8 @@ def main() -> int:
     print(text)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text)
-    print(f"report in {out / 'results.md'}", file=sys.stderr)
+    draw_pictures(out, plan, results, args.quick)
+    print(f"report and pictures in {out}", file=sys.stderr)
     return 0
 
 

@@ -25,10 +25,11 @@ class Stats:
         """One line for the log: the room now, then what changed since the last line."""
         left = sum(self.leaves.values())
         reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(self.leaves.items()))
+        elapsed = now - self.since
         return (
             f"status: {members} members, {connections} connections (max {max_connections}), "
-            f"{queued} bytes queued; in the last {now - self.since:.0f} s: {self.joins} joined, "
-            f"{left} left" + (f" ({reasons})" if reasons else "")
+            f"{queued} bytes queued; in the last {elapsed:.{0 if elapsed >= 10 else 1}f} s: "
+            f"{self.joins} joined, {left} left" + (f" ({reasons})" if reasons else "")
         )
 
     def restart(self, now: float) -> None:

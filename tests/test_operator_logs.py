@@ -32,9 +32,9 @@ def test_the_status_line_counts_joins_and_leaves_by_reason_since_the_last_one() 
         "in the last 60 s: 3 joined, 3 left (quit 2, too slow 1)"
     )
     stats.restart(160.0)
-    assert stats.summary_line(220.0, 7, 7, 10_000, 0) == (
+    assert stats.summary_line(160.25, 7, 7, 10_000, 0) == (
         "status: 7 members, 7 connections (max 10000), 0 bytes queued; "
-        "in the last 60 s: 0 joined, 0 left"
+        "in the last 0.2 s: 0 joined, 0 left"
     )
 
 

@@ -411,6 +411,12 @@ def error_line(text: str) -> bytes:
     return _server_line(ERROR_PREFIX + text)
 
 
+def batch_notice_line(count: int, verb: str, labels: list[str]) -> bytes:
+    """Many joins or leaves in one line, for a large room: "* 57 joined: A, B, and 55 more"."""
+    more = f", and {count - len(labels)} more" if count > len(labels) else ""
+    return _server_line(f"* {count} {verb}: {', '.join(labels)}{more}")
+
+
 def renamed_line(old_label: str, new_label: str) -> bytes:
     return _server_line(f"* {old_label} is now {new_label}")
 

@@ -61,6 +61,15 @@ Output = Union[ToPeer, ToMembers, Joined, Left, Disconnect]
 HISTORY_LINES = 20
 HISTORY_BYTES = 64 * 1024
 
+# In a room of BATCH_ABOVE members or more, joins and leaves are told once every
+# BATCH_SECONDS in one line naming up to BATCH_NAMES of them, not in a line each: a storm of
+# 10,000 arrivals would otherwise cost 50 million deliveries, every member told of every
+# newcomer. Large IRC channels stop announcing at all; here everyone is still told, and /who
+# gives the whole picture. A classroom (under BATCH_ABOVE) hears of each at once, as before.
+BATCH_ABOVE = 100
+BATCH_SECONDS = 1.0
+BATCH_NAMES = 10
+
 # Renames a member may make at once, then one every RENAME_INTERVAL_SECONDS, so a typo is
 # fixed at once but nobody floods the room with rename notices.
 RENAME_BURST = 3
@@ -95,6 +104,9 @@ class Room:
         self._history_on = history_lines > 0
         self._history_bytes = 0  # the bytes of the lines in _history
         self._history_limit = history_bytes
+        self._joins = _Batch("joined")  # since the last batched notice
+        self._leaves = _Batch("left")
+        self.next_notice_at: float | None = None  # when the batched notices are due
 
     def __len__(self) -> int:
         return len(self._members)
@@ -116,7 +128,7 @@ class Room:
         if isinstance(command, protocol.Join):
             return self._join(peer, command.name, now)
         if isinstance(command, protocol.Quit):
-            return self._quit(peer)
+            return self._quit(peer, now)
         if isinstance(command, protocol.Help):
             return [ToPeer(peer, line) for line in protocol.HELP_LINES]
         if isinstance(command, protocol.BadCommand):
@@ -134,7 +146,7 @@ class Room:
             return self._message(peer, member, command.target, command.text)
         return self._act(peer, member, command.text, now)
 
-    def leave(self, peer: str, reason: str) -> list[Output]:
+    def leave(self, peer: str, reason: str, now: float) -> list[Output]:
         """The peer is gone (its connection closed, failed or was cut): the one place a leave
         notice comes from. A visitor leaves without a word, and its name is free again."""
         member = self._members.pop(peer, None)
@@ -142,8 +154,32 @@ class Room:
             return []
         if member.name is not None:
             del self._names[member.name.lower()]
-        notice = protocol.left_line(member.label, reason)
-        return [ToMembers(notice, sender=peer), Left(peer, reason, len(self._members))]
+        left = Left(peer, reason, len(self._members))
+        if self._batching(self._leaves, f"{member.label} ({reason})", now):
+            return [left]
+        return [ToMembers(protocol.left_line(member.label, reason), sender=peer), left]
+
+    def tell_joins_and_leaves(self, now: float) -> list[Output]:
+        """The batched notices, once next_notice_at has come: one line for the joins and one
+        for the leaves since the last ones, to every member."""
+        if self.next_notice_at is None or now < self.next_notice_at:
+            return []
+        self.next_notice_at = None
+        return [
+            ToMembers(line, sender=None)
+            for line in (self._joins.told(), self._leaves.told())
+            if line is not None
+        ]
+
+    def _batching(self, batch: _Batch, name: str, now: float) -> bool:
+        """Whether a join or leave waits for the next batched notice (a large room, or one
+        is already waiting, so that no notice overtakes another); if so, it is counted in."""
+        if len(self._members) < BATCH_ABOVE and self.next_notice_at is None:
+            return False
+        batch.add(name)
+        if self.next_notice_at is None:
+            self.next_notice_at = now + BATCH_SECONDS
+        return True
 
     def _join(self, peer: str, name: str | None, now: float) -> list[Output]:
         if peer in self._members:
@@ -158,12 +194,14 @@ class Room:
         if name is not None:
             self._take_name(peer, member, name)
         welcome = protocol.welcome_line(member.label, len(self._members))
+        batched = self._batching(self._joins, member.label, now)
         self._members[peer] = member
+        notice = [] if batched else [ToMembers(protocol.joined_line(member.label), sender=peer)]
         return [
             ToPeer(peer, welcome),
             *self._replay_history(peer),
-            ToMembers(protocol.joined_line(member.label), sender=peer),
-            Joined(peer, len(self._members)),
+            *notice,
+            Joined(peer, len(self)),
         ]
 
     def _replay_history(self, peer: str) -> list[Output]:
@@ -178,10 +216,10 @@ class Room:
             ToPeer(peer, protocol.HISTORY_END_LINE),
         ]
 
-    def _quit(self, peer: str) -> list[Output]:
+    def _quit(self, peer: str, now: float) -> list[Output]:
         member = self._members.get(peer)
         goodbye = ToPeer(peer, protocol.goodbye_line(peer if member is None else member.label))
-        return [goodbye, *self.leave(peer, protocol.REASON_QUIT), Disconnect(peer)]
+        return [goodbye, *self.leave(peer, protocol.REASON_QUIT, now), Disconnect(peer)]
 
     def _say(self, peer: str, text: str, now: float) -> list[Output]:
         member = self._members.get(peer)
@@ -256,6 +294,28 @@ class Room:
         if target in self._members:
             return target
         return self._names.get(target.lower())
+
+
+class _Batch:
+    """Joins or leaves waiting for the next batched notice: the first few named, all counted."""
+
+    def __init__(self, verb: str) -> None:
+        self._verb = verb  # "joined" or "left"
+        self._names: list[str] = []  # the first BATCH_NAMES
+        self._count = 0
+
+    def add(self, name: str) -> None:
+        if len(self._names) < BATCH_NAMES:
+            self._names.append(name)
+        self._count += 1
+
+    def told(self) -> bytes | None:
+        """The notice for what is waiting, if anything; the batch starts over."""
+        if not self._count:
+            return None
+        line = protocol.batch_notice_line(self._count, self._verb, self._names)
+        self._names, self._count = [], 0
+        return line
 
 
 def _error(peer: str, text: str) -> list[Output]:

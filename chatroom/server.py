@@ -542,7 +542,7 @@ class ChatServer:
         """One error line to the peer, a leave notice to the others, then close."""
         log.info("closing %s: %s", conn.peer_id, why)
         self._tell(conn, protocol.error_line(error))
-        self._act_on(self._room.leave(conn.peer_id, reason))
+        self._act_on(self._room.leave(conn.peer_id, reason, self._wall_clock()))
         self._finish(conn)
 
     def _drop_slow(self, conn: Connection, why: str) -> None:
@@ -578,7 +578,7 @@ class ChatServer:
         self._drop(conn, protocol.REASON_LOST)
 
     def _drop(self, conn: Connection, reason: str) -> None:
-        self._act_on(self._room.leave(conn.peer_id, reason))
+        self._act_on(self._room.leave(conn.peer_id, reason, self._wall_clock()))
         self._schedule_close(conn)
 
     def _schedule_close(self, conn: Connection) -> None:

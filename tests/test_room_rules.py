@@ -90,18 +90,18 @@ def test_a_visitor_that_quits_is_said_goodbye_to_and_nobody_is_told() -> None:
 
 def test_leave_is_the_one_leave_notice_and_a_visitor_leaves_without_one() -> None:
     room = joined_room(A, B)
-    assert room.leave(B, protocol.REASON_LOST) == [
+    assert room.leave(B, protocol.REASON_LOST, now=1.0) == [
         ToMembers(b"* 10.0.0.2:2 left (connection lost)\n", sender=B),
         Left(B, "connection lost", 1),
     ]
-    assert room.leave(B, protocol.REASON_LOST) == []
-    assert room.leave(C, protocol.REASON_CLOSED) == []
+    assert room.leave(B, protocol.REASON_LOST, now=1.0) == []
+    assert room.leave(C, protocol.REASON_CLOSED, now=1.0) == []
 
 
 def test_members_are_kept_in_join_order_whatever_their_hashes() -> None:
     peers = [f"10.0.0.{n}:{n}" for n in range(50, 0, -1)]
     room = joined_room(*peers)
-    room.leave(peers[10], protocol.REASON_QUIT)
+    room.leave(peers[10], protocol.REASON_QUIT, now=1.0)
     assert room.members() == peers[:10] + peers[11:]
     assert len(room) == 49 and peers[0] in room and peers[10] not in room
 
@@ -222,7 +222,7 @@ class RoomRules(RuleBasedStateMachine):
         if quits:
             assert self.act(peer, protocol.Quit())[-1] == Disconnect(peer)
         else:
-            self.carry_out(self.room.leave(peer, reason))
+            self.carry_out(self.room.leave(peer, reason, self.now))
         self.check_inbox(peer)
         del self.inboxes[peer]
 
@@ -268,7 +268,7 @@ def test_join_with_a_name_names_the_member_on_every_line_with_its_address() -> N
     assert lines_to(outputs, A) == [f"* Welcome, {ALICE}. Others here: 1\n".encode()]
     assert broadcasts(outputs) == [f"* {ALICE} joined\n".encode()]
     assert broadcasts(room.handle(A, protocol.Say("hi"), now=1.0)) == [f"[{ALICE}] hi\n".encode()]
-    assert broadcasts(room.leave(A, "quit")) == [f"* {ALICE} left (quit)\n".encode()]
+    assert broadcasts(room.leave(A, "quit", now=1.0)) == [f"* {ALICE} left (quit)\n".encode()]
 
 
 def test_nick_tells_the_member_and_the_others_with_both_name_and_address() -> None:
@@ -319,7 +319,7 @@ def test_a_name_is_unique_ignoring_ascii_case_and_freed_when_its_member_leaves()
     assert room.handle(B, protocol.Nick("Alice"), now=1.0) == [
         ToPeer(B, b"ERROR :Name taken: Alice\n")
     ]
-    room.leave(A, "quit")
+    room.leave(A, "quit", now=1.0)
     assert lines_to(room.handle(B, protocol.Nick("Alice"), now=2.0), B) == [
         f"* You are now Alice@{B}\n".encode()
     ]

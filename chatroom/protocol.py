@@ -489,3 +489,55 @@ HELP_LINES = [
         f"/quit (or {QUIT}): leave",
     )
 ]
+
+
+# Reading the server's lines back, for a client: who the server says the reader is (for its
+# prompt), and whose tag starts a member's line (for its colours). Only lines a member cannot
+# write match: a member's text always comes after a tag the server wrote.
+_LABEL = (
+    r"(?:(?P<name>[A-Za-z][A-Za-z0-9_-]{0,15})@)?"
+    r"(?P<id>\d{1,3}(?:\.\d{1,3}){3}:\d{1,5}|\[[0-9A-Za-z:.%_-]{1,64}\]:\d{1,5})"
+)
+_LABEL_ALONE = re.compile(_LABEL + r"\Z")
+_OWN_LABEL = re.compile(r"\* (?:Welcome, (\S+)\. Others here: \d+|You are now (\S+))\Z")
+# A chat, action or private line ("[LABEL] ", "[LABEL (private)] "), or one from the history,
+# which puts "[HH:MM] " in front.
+_SENDER_TAG = re.compile(r"(?:\[\d\d:\d\d\] )?\[" + _LABEL + r"(?: \(private\))?\] ")
+
+
+def split_label(label: str) -> tuple[str | None, str] | None:
+    """A label's name (None for a member without one) and IP:PORT; None if it is no label."""
+    match = _LABEL_ALONE.match(label)
+    return None if match is None else (match["name"], match["id"])
+
+
+def own_label(line: str) -> str | None:
+    """The label a welcome ("* Welcome, LABEL. Others here: N") or a rename ("* You are now
+    LABEL") gives the member that receives it; None for any other line."""
+    match = _OWN_LABEL.match(line)
+    if match is None:
+        return None
+    label = match[1] or match[2]
+    return label if _LABEL_ALONE.match(label) else None
+
+
+@dataclass(frozen=True)
+class SenderTag:
+    """Where a member's line names its sender: line[label_start:label_end] is its label, its
+    text starts at text_start."""
+
+    label_start: int
+    label_end: int
+    name: str | None
+    member_id: str
+    text_start: int
+
+
+def sender_tag(line: str) -> SenderTag | None:
+    """The tag of a chat, action or private line, or of one replayed from the history; None
+    for a notice, an error or anything else."""
+    match = _SENDER_TAG.match(line)
+    if match is None:
+        return None
+    start = match.start("name") if match["name"] is not None else match.start("id")
+    return SenderTag(start, match.end("id"), match["name"], match["id"], match.end())

@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import os
 import signal
 import socket
 import sys
 import threading
-import unicodedata
-from collections.abc import Iterator
-from types import FrameType, ModuleType
+from types import FrameType
 
 from chatroom import cli, protocol
+from chatroom.terminal import InteractiveTerminal, PlainTerminal, terminal_settings_restored
 
 PROG = "chatroom-client"
 
@@ -43,13 +41,6 @@ RECEIVER_EXIT_TIMEOUT_SECONDS = 0.3
 CONNECT_TIMEOUT_SECONDS = 5.0
 
 RECV_SIZE = 65536
-
-PROMPT = "> "
-
-# Starts every row of a received line after its first, which the client wraps itself: only a
-# line's first row starts at column 0, so a member who pads a line to the reader's width
-# cannot make the rest of it pass for a notice or another member's line.
-CONTINUATION_INDENT = "  "
 
 # Ctrl-C, being told to stop, and losing the terminal all leave the room the same way.
 LEAVE_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
@@ -82,181 +73,6 @@ class OutputBlocked(Exception):
     def __init__(self, status: int) -> None:
         super().__init__(status)
         self.status = status  # the exit status the session ended with
-
-
-class PlainTerminal:
-    """Lines in from stdin and out to stdout, for pipes and files."""
-
-    def read_line(self) -> str | None:
-        """One line the user typed, without its newline; None at the end of input."""
-        line = sys.stdin.readline()
-        return line.rstrip("\r\n") if line else None
-
-    def show(self, text: str) -> None:
-        sys.stdout.write(text + "\n")
-        sys.stdout.flush()
-
-    def finish(self) -> None:
-        """Leaves the terminal ready for the closing line on stderr."""
-
-
-def char_width(char: str) -> int:
-    """The columns a character takes on a terminal: two for East Asian wide and fullwidth ones,
-    none for combining marks (they sit on the character before), one for the rest."""
-    if unicodedata.category(char) in ("Mn", "Me"):
-        return 0
-    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
-
-
-def display_width(text: str) -> int:
-    return sum(char_width(char) for char in text)
-
-
-def wrap(text: str, width: int, indent: str = "") -> list[str]:
-    """text cut into rows of at most width columns, as a terminal wraps it: a character that
-    does not fit starts the next row (unless the row holds nothing else), which starts with
-    indent."""
-    rows: list[str] = []
-    row, column, start = "", 0, 0  # the row so far, its width, and where its text begins
-    for char in text:
-        if column + char_width(char) > width and column > start:
-            rows.append(row)
-            row, column = indent, display_width(indent)
-            start = column
-        row += char
-        column += char_width(char)
-    rows.append(row)
-    return rows
-
-
-def rows_above_cursor(text: str, width: int) -> int:
-    """How many rows above the cursor text starts, once written from the start of a row of a
-    terminal width columns wide: after a row filled exactly, readline puts the cursor on the
-    next row."""
-    rows = wrap(text, width)
-    return len(rows) - 1 + (display_width(rows[-1]) >= width)
-
-
-def terminal_width() -> int:
-    """The terminal's width now, read for every line so that a resized terminal is followed:
-    the size it reports itself ($COLUMNS can be stale), 80 if it reports none."""
-    try:
-        return os.get_terminal_size(sys.stdout.fileno()).columns or 80
-    except OSError:
-        return 80
-
-
-class GnuReadline:
-    """What Python's readline module leaves out, read through ctypes from the GNU readline it
-    loaded: where the cursor is (rl_point), whether Enter was just pressed (rl_done), and a
-    redraw of the prompt and line from scratch (rl_forced_update_display)."""
-
-    def __init__(self, library: ctypes.CDLL) -> None:
-        self._point = ctypes.c_int.in_dll(library, "rl_point")  # a byte offset into the line
-        self._done = ctypes.c_int.in_dll(library, "rl_done")
-        self._line = ctypes.c_char_p.in_dll(library, "rl_line_buffer")
-        self._forced_update_display = library.rl_forced_update_display
-
-    @classmethod
-    def load(cls, module: ModuleType) -> GnuReadline | None:
-        """None where the module is built on libedit, whose look-alikes behave differently, or
-        the symbols cannot be found."""
-        if "libedit" in (module.__doc__ or ""):
-            return None
-        try:
-            return cls(ctypes.CDLL(module.__file__))
-        except (OSError, ValueError, AttributeError):
-            return None
-
-    def typed_before_cursor(self) -> str:
-        typed = (self._line.value or b"")[: self._point.value]
-        return typed.decode(sys.stdin.encoding, errors="replace")  # as readline read the keys
-
-    def line_accepted(self) -> bool:
-        """Enter was pressed and readline moved to the next row: no prompt is on screen."""
-        return bool(self._done.value)
-
-    def redraw(self) -> None:
-        """Draws the prompt and the line at the cursor, leaving the cursor at the user's place."""
-        self._forced_update_display()
-
-
-class InteractiveTerminal(PlainTerminal):
-    """A terminal with readline line editing, where a line that arrives while the user types
-    is printed above the prompt, and the prompt is drawn again with the half-typed text and
-    the cursor where it was. A line wider than the terminal is wrapped here, with every row
-    after its first indented.
-
-    With GNU readline, readline redraws its own line, so the screen and readline agree on the
-    text and the cursor. Elsewhere (libedit) the prompt is redrawn here and the cursor is
-    assumed at the end of the line."""
-
-    def __init__(self) -> None:
-        import readline
-
-        self._readline = readline
-        self._gnu = GnuReadline.load(readline)
-        # Held while readline draws the prompt, a line is shown, or the prompt is erased; not
-        # while readline echoes a key, which happens inside readline with no hook to take it.
-        self._lock = threading.Lock()
-        self._prompt_visible = False  # readline is reading keys behind a drawn prompt
-        readline.set_startup_hook(self._before_prompt)
-        readline.set_pre_input_hook(self._after_prompt)
-
-    def _before_prompt(self) -> None:
-        self._lock.acquire()
-
-    def _after_prompt(self) -> None:
-        self._prompt_visible = True
-        self._lock.release()
-
-    def read_line(self) -> str | None:
-        try:
-            text: str | None = input(PROMPT)
-        except EOFError:
-            text = None
-        with self._lock:
-            self._prompt_visible = False
-            # A line shown between Enter and here may have drawn a stale prompt: erase it.
-            sys.stdout.write("\r\x1b[K")
-            sys.stdout.flush()
-        return text
-
-    def show(self, text: str) -> None:
-        rows = wrap(text, terminal_width(), CONTINUATION_INDENT)
-        with self._lock:
-            prompt_drawn = self._prompt_visible and not (
-                self._gnu is not None and self._gnu.line_accepted()
-            )
-            if prompt_drawn:
-                self._erase_prompt()
-            # Autowrap off meanwhile (DECAWM): a character the terminal draws wider than
-            # char_width() counts it is cut at the right edge instead of starting a row.
-            sys.stdout.write("\x1b[?7l" + "\n".join(rows) + "\n\x1b[?7h")
-            sys.stdout.flush()
-            if prompt_drawn:
-                self._redraw_prompt()
-
-    def _erase_prompt(self) -> None:
-        """Clears every row the prompt and the typed line take, from the first one down."""
-        if self._gnu is not None:
-            before_cursor = self._gnu.typed_before_cursor()
-        else:
-            before_cursor = self._readline.get_line_buffer()
-        up = rows_above_cursor(PROMPT + before_cursor, terminal_width())
-        sys.stdout.write("\r" + (f"\x1b[{up}A" if up else "") + "\x1b[J")
-
-    def _redraw_prompt(self) -> None:
-        if self._gnu is not None:
-            self._gnu.redraw()
-        else:
-            sys.stdout.write(PROMPT + self._readline.get_line_buffer())
-            sys.stdout.flush()
-
-    def finish(self) -> None:
-        with self._lock:
-            sys.stdout.write("\r\x1b[K")
-            sys.stdout.flush()
 
 
 class Session:
@@ -386,19 +202,6 @@ def run_session(sock: socket.socket, terminal: PlainTerminal, leave_signal: Leav
     sock.close()
     terminal.finish()
     return session.exit_status()
-
-
-@contextlib.contextmanager
-def terminal_settings_restored() -> Iterator[None]:
-    """Puts the terminal's settings back however the client ends: a Ctrl-C can come while
-    readline, in the input thread, has the terminal in its own mode."""
-    import termios
-
-    saved = termios.tcgetattr(sys.stdin)
-    try:
-        yield
-    finally:
-        termios.tcsetattr(sys.stdin, termios.TCSADRAIN, saved)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

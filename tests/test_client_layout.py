@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatroom.client import rows_above_cursor, wrap
+from chatroom.terminal import rows_above_cursor, wrap
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import sys
 import threading
 import unicodedata
@@ -40,6 +41,14 @@ class PlainTerminal:
         """Leaves the terminal ready for the closing line on stderr."""
 
 
+# A control sequence (CSI: ESC [ parameters, intermediates, a final byte). No sanitised text
+# holds an ESC, so every one in a line shown is the client's own: a colour, which takes no
+# column on the screen.
+_CONTROL_SEQUENCE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+_PIECES = re.compile(_CONTROL_SEQUENCE.pattern + r"|.", re.DOTALL)
+RESET = "\x1b[0m"  # every attribute back to normal: the end of every span coloured here
+
+
 def char_width(char: str) -> int:
     """The columns a character takes on a terminal: two for East Asian wide and fullwidth ones,
     none for combining marks (they sit on the character before), one for the rest."""
@@ -48,23 +57,33 @@ def char_width(char: str) -> int:
     return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
 
 
+def piece_width(piece: str) -> int:
+    """A character's width, or none for a control sequence."""
+    return char_width(piece) if len(piece) == 1 else 0
+
+
 def display_width(text: str) -> int:
-    return sum(char_width(char) for char in text)
+    return sum(piece_width(piece) for piece in _PIECES.findall(text))
 
 
 def wrap(text: str, width: int, indent: str = "") -> list[str]:
     """text cut into rows of at most width columns, as a terminal wraps it: a character that
     does not fit starts the next row (unless the row holds nothing else), which starts with
-    indent."""
+    indent. Control sequences take no column. A colour open at the end of a row is closed
+    there and opened again after the next row's indent, so an indent is never coloured."""
     rows: list[str] = []
     row, column, start = "", 0, 0  # the row so far, its width, and where its text begins
-    for char in text:
-        if column + char_width(char) > width and column > start:
-            rows.append(row)
-            row, column = indent, display_width(indent)
+    colour = ""  # the colour sequence in force, "" once RESET has ended it
+    for piece in _PIECES.findall(text):
+        width_of_piece = piece_width(piece)
+        if column + width_of_piece > width and column > start:
+            rows.append(row + RESET if colour else row)
+            row, column = indent + colour, display_width(indent)
             start = column
-        row += char
-        column += char_width(char)
+        if len(piece) > 1 and piece.endswith("m"):
+            colour = "" if piece == RESET else piece
+        row += piece
+        column += width_of_piece
     rows.append(row)
     return rows
 
@@ -75,6 +94,17 @@ def rows_above_cursor(text: str, width: int) -> int:
     next row."""
     rows = wrap(text, width)
     return len(rows) - 1 + (display_width(rows[-1]) >= width)
+
+
+def as_readline_shows(typed: str) -> str:
+    """The typed text as readline draws it: a control character as ^ and a letter (^[ for
+    ESC, ^? for DEL), so a typed escape sequence is counted as the columns it takes."""
+    if typed.isprintable():
+        return typed
+    return "".join(
+        f"^{chr(ord(char) ^ 0x40)}" if ord(char) < 0x20 or char == "\x7f" else char
+        for char in typed
+    )
 
 
 def terminal_width() -> int:
@@ -183,7 +213,7 @@ class InteractiveTerminal(PlainTerminal):
             before_cursor = self._gnu.typed_before_cursor()
         else:
             before_cursor = self._readline.get_line_buffer()
-        up = rows_above_cursor(PROMPT + before_cursor, terminal_width())
+        up = rows_above_cursor(PROMPT + as_readline_shows(before_cursor), terminal_width())
         sys.stdout.write("\r" + (f"\x1b[{up}A" if up else "") + "\x1b[J")
 
     def _redraw_prompt(self) -> None:

@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import threading
+from dataclasses import dataclass
 from types import FrameType
 
 from chatroom import cli, protocol
@@ -41,6 +42,14 @@ RECEIVER_EXIT_TIMEOUT_SECONDS = 0.3
 CONNECT_TIMEOUT_SECONDS = 5.0
 
 RECV_SIZE = 65536
+
+
+@dataclass(frozen=True)
+class Options:
+    """How the user asked the session to go, beyond where to connect."""
+
+    name: str | None = None  # taken with /nick right after !Join
+
 
 # Ctrl-C, being told to stop, and losing the terminal all leave the room the same way.
 LEAVE_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
@@ -172,10 +181,15 @@ class Session:
                 return  # the receiver sees the loss and reports it
 
 
-def run_session(sock: socket.socket, terminal: PlainTerminal, leave_signal: LeaveSignal) -> int:
+def run_session(
+    sock: socket.socket, terminal: PlainTerminal, leave_signal: LeaveSignal, options: Options
+) -> int:
     session = Session(sock, terminal)
     try:
         session.send_line(protocol.JOIN)
+        if options.name is not None:
+            # Not "!Join NAME": a name taken already would keep the user out of the room.
+            session.send_line(f"{protocol.COMMAND_PREFIX}nick {options.name}")
     except OSError as exc:
         return cli.fail(PROG, f"connection lost: {cli.describe(exc)}")
     receiver = threading.Thread(target=session.receive_forever, name="receiver")
@@ -207,7 +221,21 @@ def run_session(sock: socket.socket, terminal: PlainTerminal, leave_signal: Leav
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = cli.make_parser(PROG, "Join a chat room. Type to talk; !Quit to leave.")
     cli.add_address_arguments(parser, "server address", 1, "server port")
+    parser.add_argument(
+        "--name",
+        type=member_name,
+        help="take this name once in the room (/nick changes it); others see NAME@IP:PORT",
+    )
     return parser.parse_args(argv)
+
+
+def member_name(text: str) -> str:
+    """An argparse type: a name the room accepts (protocol.NAME_PATTERN)."""
+    if not protocol.NAME_PATTERN.match(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a name: 1 to 16 ASCII letters, digits, _ or -, a letter first"
+        )
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdin.reconfigure(errors="replace")  # type: ignore[union-attr]
     sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
     try:
-        return connect_and_chat(args.host, args.port, leave_signal)
+        return connect_and_chat(args.host, args.port, leave_signal, Options(args.name))
     except KeyboardInterrupt:
         return 130  # stopped before the session began: there is nothing to leave
     except OutputBlocked as blocked:
@@ -231,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         leave_signal.block()
 
 
-def connect_and_chat(host: str, port: int, leave_signal: LeaveSignal) -> int:
+def connect_and_chat(host: str, port: int, leave_signal: LeaveSignal, options: Options) -> int:
     try:
         sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SECONDS)
     except OSError as exc:
@@ -240,8 +268,8 @@ def connect_and_chat(host: str, port: int, leave_signal: LeaveSignal) -> int:
     sock.settimeout(None)
     if sys.stdin.isatty() and sys.stdout.isatty():
         with terminal_settings_restored():
-            return run_session(sock, InteractiveTerminal(), leave_signal)
-    return run_session(sock, PlainTerminal(), leave_signal)
+            return run_session(sock, InteractiveTerminal(), leave_signal, options)
+    return run_session(sock, PlainTerminal(), leave_signal, options)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from types import FrameType
 
@@ -49,6 +50,7 @@ class Options:
     """How the user asked the session to go, beyond where to connect."""
 
     name: str | None = None  # taken with /nick right after !Join
+    timestamps: bool = False  # every line shown starts with the local time, "HH:MM "
 
 
 # Ctrl-C, being told to stop, and losing the terminal all leave the room the same way.
@@ -87,9 +89,10 @@ class OutputBlocked(Exception):
 class Session:
     """One connection to the server, shared by the three threads."""
 
-    def __init__(self, sock: socket.socket, terminal: PlainTerminal) -> None:
+    def __init__(self, sock: socket.socket, terminal: PlainTerminal, options: Options) -> None:
         self._sock = sock
         self._terminal = terminal
+        self._options = options
         # Held for a whole line, so lines never interleave: the input thread takes it for each
         # line; the main thread only tries it on a leave signal, and never waits for it.
         self._send_lock = threading.Lock()
@@ -153,11 +156,16 @@ class Session:
             try:
                 line = lines.next_line()
             except protocol.LineTooLong as exc:
-                self._terminal.show(f"[a line from the server over {exc.max_line} bytes was cut]")
+                self._show(f"[a line from the server over {exc.max_line} bytes was cut]")
                 continue
             if line is None:
                 return
-            self._terminal.show(protocol.decode_line(line))
+            self._show(protocol.decode_line(line))
+
+    def _show(self, text: str) -> None:
+        if self._options.timestamps:
+            text = time.strftime("%H:%M ") + text
+        self._terminal.show(text)
 
     def _end(self, failure: str) -> None:
         if not self.leaving.is_set():
@@ -184,7 +192,7 @@ class Session:
 def run_session(
     sock: socket.socket, terminal: PlainTerminal, leave_signal: LeaveSignal, options: Options
 ) -> int:
-    session = Session(sock, terminal)
+    session = Session(sock, terminal, options)
     try:
         session.send_line(protocol.JOIN)
         if options.name is not None:
@@ -226,6 +234,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=member_name,
         help="take this name once in the room (/nick changes it); others see NAME@IP:PORT",
     )
+    parser.add_argument(
+        "--timestamps",
+        action="store_true",
+        help="start every line shown with the local time (HH:MM)",
+    )
     return parser.parse_args(argv)
 
 
@@ -248,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdin.reconfigure(errors="replace")  # type: ignore[union-attr]
     sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
     try:
-        return connect_and_chat(args.host, args.port, leave_signal, Options(args.name))
+        return connect_and_chat(
+            args.host, args.port, leave_signal, Options(args.name, args.timestamps)
+        )
     except KeyboardInterrupt:
         return 130  # stopped before the session began: there is nothing to leave
     except OutputBlocked as blocked:

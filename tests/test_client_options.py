@@ -1,6 +1,10 @@
-"""The client's options for issue 13, as real processes against the real server: --name."""
+"""The client's options for issue 13, as real processes against the real server: --name and
+--timestamps."""
 
 from __future__ import annotations
+
+import re
+import time
 
 from .conftest import Room, Server
 
@@ -44,3 +48,30 @@ def test_a_bad_name_is_one_line_and_exit_2(room: Room) -> None:
     client = room.program("chatroom_client.py", "--name", "9lives")
     assert client.wait_exit() == 2
     assert client.stderr.wait_ended() == [f"chatroom-client: error: {BAD_NAME_COMPLAINT}"]
+
+
+def test_timestamps_start_every_line_with_the_local_time(room: Room, server: Server) -> None:
+    before = time.strftime("%H:%M")
+    alice = room.client(server.port, "--timestamps")
+    bob = room.client(server.port)
+    alice.stdout.expect(f"* {bob.member_id} joined")
+    bob.type_line("hello")
+    alice.stdout.expect(f"[{bob.member_id}] hello")
+    alice.type_line("!Quit")
+    assert alice.wait_exit() == 0
+    after = time.strftime("%H:%M")
+    lines = alice.stdout.wait_ended()
+    assert [line[6:] for line in lines] == [
+        f"* Welcome, {alice.member_id}. Others here: 0",
+        f"* {bob.member_id} joined",
+        f"[{bob.member_id}] hello",
+        f"* Goodbye, {alice.member_id}",
+    ]
+    for line in lines:
+        assert re.match(r"\d\d:\d\d ", line), line
+        assert line[:5] in (before, after), line
+
+
+def test_without_timestamps_lines_are_as_the_server_sent_them(room: Room, server: Server) -> None:
+    alice = room.client(server.port)
+    assert alice.stdout.lines[0] == f"* Welcome, {alice.member_id}. Others here: 0"

@@ -19,6 +19,7 @@ import java.util.ArrayList;
 import java.util.List;
 import java.util.concurrent.CountDownLatch;
 import java.util.concurrent.TimeUnit;
+import java.util.regex.Pattern;
 
 /**
  * The chat room client in Java: the same flags, lines, exit statuses and threads as
@@ -37,6 +38,9 @@ public final class ChatRoomClient {
     static final String VERSION = "0.2.0"; // held to chatroom/__init__.py by a test
     static final String JOIN = "!Join";
     static final String QUIT = "!Quit";
+    // A name the room accepts (protocol.NAME_PATTERN): 1 to 16 ASCII letters, digits, _ or -,
+    // a letter first.
+    static final Pattern NAME = Pattern.compile("[A-Za-z][A-Za-z0-9_-]{0,15}");
     static final String DEFAULT_HOST = "127.0.0.1";
     static final int DEFAULT_PORT = 5050;
     // How long a leaving client waits for the server's goodbye and close: exit within 2 s.
@@ -68,6 +72,7 @@ public final class ChatRoomClient {
 
     private final Socket socket;
     private final OutputStream out;
+    private final String name; // taken with /nick right after !Join; null for none
     private final PrintStream stdout =
             new PrintStream(System.out, true, StandardCharsets.UTF_8);
     // Someone types on this terminal while lines arrive, so each line starts a row of its own.
@@ -81,39 +86,55 @@ public final class ChatRoomClient {
     private volatile boolean leaving; // the user asked to leave and !Quit went out
     private volatile String failure; // why the session ended, if the user did not end it
 
-    private ChatRoomClient(Socket socket) throws IOException {
+    private ChatRoomClient(Socket socket, String name) throws IOException {
         this.socket = socket;
         this.out = socket.getOutputStream();
+        this.name = name;
     }
 
     public static void main(String[] args) {
         String host = DEFAULT_HOST;
         int port = DEFAULT_PORT;
+        String name = null;
         for (int i = 0; i < args.length; i++) {
             String arg = args[i];
             if (arg.equals("--help") || arg.equals("-h")) {
-                System.out.println("usage: " + PROG + " [-h] [--version] [--host HOST] [--port PORT]");
+                System.out.println("usage: " + PROG
+                        + " [-h] [--version] [--host HOST] [--port PORT] [--name NAME]");
                 System.out.println();
                 System.out.println("Join a chat room. Type to talk; !Quit to leave.");
                 System.out.println();
                 System.out.println("  --host HOST  server address (default: " + DEFAULT_HOST + ")");
                 System.out.println("  --port PORT  server port (default: " + DEFAULT_PORT + ")");
+                System.out.println("  --name NAME  take this name once in the room (/nick changes"
+                        + " it); others see NAME@IP:PORT");
                 System.out.println("  --version    show the version and exit");
                 return;
             } else if (arg.equals("--version")) {
                 System.out.println(PROG + " " + VERSION + " (Java)");
                 return;
-            } else if ((arg.equals("--host") || arg.equals("--port")) && i + 1 == args.length) {
+            } else if ((arg.equals("--host") || arg.equals("--port") || arg.equals("--name"))
+                    && i + 1 == args.length) {
                 usageError("argument " + arg + ": expected one argument");
             } else if (arg.equals("--host")) {
                 host = args[++i];
             } else if (arg.equals("--port")) {
                 port = parsePort(args[++i]);
+            } else if (arg.equals("--name")) {
+                name = parseName(args[++i]);
             } else {
                 usageError("unrecognized arguments: " + arg);
             }
         }
-        System.exit(connectAndChat(host, port));
+        System.exit(connectAndChat(host, port, name));
+    }
+
+    static String parseName(String text) {
+        if (!NAME.matcher(text).matches()) {
+            usageError("argument --name: '" + text + "' is not a name: 1 to 16 ASCII letters,"
+                    + " digits, _ or -, a letter first");
+        }
+        return text;
     }
 
     static int parsePort(String text) {
@@ -139,13 +160,13 @@ public final class ChatRoomClient {
         return 1;
     }
 
-    static int connectAndChat(String host, int port) {
+    static int connectAndChat(String host, int port, String name) {
         String where = (host.contains(":") ? "[" + host + "]" : host) + ":" + port;
         Socket socket = new Socket();
         try {
             socket.connect(new InetSocketAddress(host, port), CONNECT_TIMEOUT_MS);
             socket.setTcpNoDelay(true);
-            return new ChatRoomClient(socket).run();
+            return new ChatRoomClient(socket, name).run();
         } catch (UnknownHostException e) {
             return fail("cannot connect to " + where + ": unknown host");
         } catch (SocketTimeoutException e) {
@@ -167,6 +188,10 @@ public final class ChatRoomClient {
 
     private int run() throws IOException {
         send(JOIN);
+        if (name != null) {
+            // Not "!Join NAME": a name taken already would keep the user out of the room.
+            send("/nick " + name);
+        }
         Thread receiver = new Thread(this::receiveForever, "receiver");
         // A blocked read of stdin cannot be interrupted: a daemon nobody joins.
         Thread input = new Thread(this::readInputForever, "input");

@@ -1,12 +1,18 @@
-"""The client's options for issue 13, as real processes against the real server: --name and
---timestamps."""
+"""The client's options for issue 13, as real processes against the real server: --name (the
+Python and the Java client), and --timestamps."""
 
 from __future__ import annotations
 
 import re
 import time
 
+import pytest
+
+from . import test_any_client
 from .conftest import Room, Server
+
+# The Java client, compiled once for the session (the fixture of test_any_client.py).
+java_client = test_any_client.java_client
 
 BAD_NAME_COMPLAINT = (
     "argument --name: '9lives' is not a name: 1 to 16 ASCII letters, digits, _ or -,"
@@ -75,3 +81,45 @@ def test_timestamps_start_every_line_with_the_local_time(room: Room, server: Ser
 def test_without_timestamps_lines_are_as_the_server_sent_them(room: Room, server: Server) -> None:
     alice = room.client(server.port)
     assert alice.stdout.lines[0] == f"* Welcome, {alice.member_id}. Others here: 0"
+
+
+def test_the_java_client_takes_a_name_and_a_taken_one_leaves_it_joined(
+    room: Room, server: Server, java_client: list[str]
+) -> None:
+    python = room.client(server.port, "--name", "Ann")
+    python.stdout.expect(f"* You are now Ann@{python.member_id}")
+    java = room.client_from([*java_client, "--port", str(server.port), "--name", "duke"])
+    java.stdout.expect(f"* You are now duke@{java.member_id}")
+    python.stdout.expect(f"* {java.member_id} is now duke@{java.member_id}")
+    java.type_line("hello")
+    python.stdout.expect(f"[duke@{java.member_id}] hello")
+    taken = room.client_from([*java_client, "--port", str(server.port), "--name", "ann"])
+    taken.stdout.expect("ERROR :Name taken: ann")
+    taken.type_line("unnamed")
+    python.stdout.expect(f"[{taken.member_id}] unnamed")
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--name", "9lives"], BAD_NAME_COMPLAINT),
+        (["--name"], "argument --name: expected one argument (see --help)"),
+    ],
+    ids=["bad", "missing"],
+)
+def test_the_java_client_refuses_a_bad_name_in_the_python_client_s_words(
+    room: Room, java_client: list[str], args: list[str], complaint: str
+) -> None:
+    java = room.run([*java_client, *args])
+    python = room.program("chatroom_client.py", *args)
+    assert java.wait_exit() == 2
+    assert python.wait_exit() == 2
+    assert java.stderr.wait_ended() == [f"chatroom-client: error: {complaint}"]
+    assert python.stderr.wait_ended() == java.stderr.wait_ended()
+
+
+def test_the_java_client_help_names_every_flag(room: Room, java_client: list[str]) -> None:
+    java = room.run([*java_client, "--help"])
+    assert java.wait_exit() == 0
+    usage = "\n".join(java.stdout.wait_ended())
+    assert "--name NAME" in usage

@@ -29,7 +29,12 @@ from dataclasses import dataclass
 from types import FrameType
 
 from chatroom import cli, protocol
-from chatroom.terminal import InteractiveTerminal, PlainTerminal, terminal_settings_restored
+from chatroom.terminal import (
+    InteractiveTerminal,
+    PlainTerminal,
+    prompt_for,
+    terminal_settings_restored,
+)
 
 PROG = "chatroom-client"
 
@@ -160,7 +165,11 @@ class Session:
                 continue
             if line is None:
                 return
-            self._show(protocol.decode_line(line))
+            text = protocol.decode_line(line)
+            self._show(text)
+            label = protocol.own_label(text)
+            if label is not None:
+                self._terminal.set_prompt(prompt_for(label))
 
     def _show(self, text: str) -> None:
         if self._options.timestamps:

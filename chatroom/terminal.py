@@ -1,8 +1,8 @@
 """The client's terminal: lines in from the user, lines out to the screen.
 
-A pipe gets lines as they are; a terminal gets readline's line editing, received lines
-printed above the half-typed one, and wrapped here with every row after a line's first
-indented.
+A pipe gets lines as they are; a terminal gets readline's line editing, a prompt that names
+the user, received lines printed above the half-typed one, and wrapped here with every row
+after a line's first indented.
 """
 
 from __future__ import annotations
@@ -17,12 +17,18 @@ import unicodedata
 from collections.abc import Iterator
 from types import ModuleType
 
+# The prompt until the server says who the user is; then "LABEL> ".
 PROMPT = "> "
 
 # Starts every row of a received line after its first, which the client wraps itself: only a
 # line's first row starts at column 0, so a member who pads a line to the reader's width
 # cannot make the rest of it pass for a notice or another member's line.
 CONTINUATION_INDENT = "  "
+
+
+def prompt_for(label: str) -> str:
+    """The prompt once the server has named the user: who is typing."""
+    return f"{label}{PROMPT}"
 
 
 class PlainTerminal:
@@ -36,6 +42,9 @@ class PlainTerminal:
     def show(self, text: str) -> None:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
+
+    def set_prompt(self, prompt: str) -> None:
+        """What the prompt says from now on; a pipe has none."""
 
     def finish(self) -> None:
         """Leaves the terminal ready for the closing line on stderr."""
@@ -118,13 +127,16 @@ def terminal_width() -> int:
 
 class GnuReadline:
     """What Python's readline module leaves out, read through ctypes from the GNU readline it
-    loaded: where the cursor is (rl_point), whether Enter was just pressed (rl_done), and a
-    redraw of the prompt and line from scratch (rl_forced_update_display)."""
+    loaded: where the cursor is (rl_point), whether Enter was just pressed (rl_done), a new
+    prompt for the line being read (rl_set_prompt), and a redraw of the prompt and line from
+    scratch (rl_forced_update_display)."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._point = ctypes.c_int.in_dll(library, "rl_point")  # a byte offset into the line
         self._done = ctypes.c_int.in_dll(library, "rl_done")
         self._line = ctypes.c_char_p.in_dll(library, "rl_line_buffer")
+        self._set_prompt = library.rl_set_prompt
+        self._set_prompt.argtypes = [ctypes.c_char_p]
         self._forced_update_display = library.rl_forced_update_display
 
     @classmethod
@@ -146,6 +158,10 @@ class GnuReadline:
         """Enter was pressed and readline moved to the next row: no prompt is on screen."""
         return bool(self._done.value)
 
+    def set_prompt(self, prompt: str) -> None:
+        """The prompt of the line being read, from its next redraw on (readline keeps a copy)."""
+        self._set_prompt(prompt.encode(sys.stdout.encoding, errors="replace"))
+
     def redraw(self) -> None:
         """Draws the prompt and the line at the cursor, leaving the cursor at the user's place."""
         self._forced_update_display()
@@ -158,31 +174,41 @@ class InteractiveTerminal(PlainTerminal):
     after its first indented.
 
     With GNU readline, readline redraws its own line, so the screen and readline agree on the
-    text and the cursor. Elsewhere (libedit) the prompt is redrawn here and the cursor is
-    assumed at the end of the line."""
+    text and the cursor, and a new prompt replaces the old one in place. Elsewhere (libedit)
+    the prompt is redrawn here, the cursor is assumed at the end of the line, and a new prompt
+    shows from the next line typed."""
 
     def __init__(self) -> None:
         import readline
 
         self._readline = readline
         self._gnu = GnuReadline.load(readline)
-        # Held while readline draws the prompt, a line is shown, or the prompt is erased; not
-        # while readline echoes a key, which happens inside readline with no hook to take it.
+        # Held while readline draws the prompt, a line is shown, the prompt changes or is
+        # erased; not while readline echoes a key, which happens inside readline with no hook
+        # to take it.
         self._lock = threading.Lock()
         self._prompt_visible = False  # readline is reading keys behind a drawn prompt
+        self._prompt = PROMPT  # the prompt wanted
+        self._shown_prompt = PROMPT  # the prompt readline has, drawn while _prompt_visible
         readline.set_startup_hook(self._before_prompt)
         readline.set_pre_input_hook(self._after_prompt)
 
     def _before_prompt(self) -> None:
         self._lock.acquire()
+        # The prompt may have changed since read_line() passed it to readline.
+        if self._gnu is not None and self._shown_prompt != self._prompt:
+            self._gnu.set_prompt(self._prompt)
+            self._shown_prompt = self._prompt
 
     def _after_prompt(self) -> None:
         self._prompt_visible = True
         self._lock.release()
 
     def read_line(self) -> str | None:
+        with self._lock:
+            self._shown_prompt = prompt = self._prompt
         try:
-            text: str | None = input(PROMPT)
+            text: str | None = input(prompt)
         except EOFError:
             text = None
         with self._lock:
@@ -195,9 +221,7 @@ class InteractiveTerminal(PlainTerminal):
     def show(self, text: str) -> None:
         rows = wrap(text, terminal_width(), CONTINUATION_INDENT)
         with self._lock:
-            prompt_drawn = self._prompt_visible and not (
-                self._gnu is not None and self._gnu.line_accepted()
-            )
+            prompt_drawn = self._prompt_drawn()
             if prompt_drawn:
                 self._erase_prompt()
             # Autowrap off meanwhile (DECAWM): a character the terminal draws wider than
@@ -207,20 +231,34 @@ class InteractiveTerminal(PlainTerminal):
             if prompt_drawn:
                 self._redraw_prompt()
 
+    def set_prompt(self, prompt: str) -> None:
+        with self._lock:
+            self._prompt = prompt
+            if self._gnu is None or not self._prompt_drawn():
+                return  # the next prompt drawn is the new one
+            self._erase_prompt()
+            self._gnu.set_prompt(prompt)
+            self._shown_prompt = prompt
+            self._gnu.redraw()
+
+    def _prompt_drawn(self) -> bool:
+        return self._prompt_visible and not (self._gnu is not None and self._gnu.line_accepted())
+
     def _erase_prompt(self) -> None:
         """Clears every row the prompt and the typed line take, from the first one down."""
         if self._gnu is not None:
             before_cursor = self._gnu.typed_before_cursor()
         else:
             before_cursor = self._readline.get_line_buffer()
-        up = rows_above_cursor(PROMPT + as_readline_shows(before_cursor), terminal_width())
+        shown = self._shown_prompt + as_readline_shows(before_cursor)
+        up = rows_above_cursor(shown, terminal_width())
         sys.stdout.write("\r" + (f"\x1b[{up}A" if up else "") + "\x1b[J")
 
     def _redraw_prompt(self) -> None:
         if self._gnu is not None:
             self._gnu.redraw()
         else:
-            sys.stdout.write(PROMPT + self._readline.get_line_buffer())
+            sys.stdout.write(self._shown_prompt + self._readline.get_line_buffer())
             sys.stdout.flush()
 
     def finish(self) -> None:

@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -81,19 +82,70 @@ def last_line(screen: list[str]) -> str:
     return rows[-1] if rows else ""
 
 
-def start_client_beside(room: Room, server: Server, tmux: Tmux) -> tuple[Member, str]:
+def start_client(tmux: Tmux, port: int, *args: str, environment: str = "") -> None:
+    """Starts the client in the terminal's shell, with environment variables ("NAME=value")."""
+    tmux.wait_for_screen(lambda screen: last_line(screen) == "$", "the shell prompt")
+    command = [sys.executable, str(ROOT / "chatroom_client.py"), "--port", str(port), *args]
+    tmux.type(f"{environment} {shlex.join(command)}".strip())
+    tmux.press("Enter")
+
+
+class FakeServer:
+    """A listening socket the test speaks for, byte by byte, to show the client any line."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(WAIT_SECONDS)
+        self.port: int = self._listener.getsockname()[1]
+        self._conn: socket.socket | None = None
+        self._received = b""
+
+    def accept(self) -> None:
+        self._conn, _ = self._listener.accept()
+        self._conn.settimeout(WAIT_SECONDS)
+
+    def send(self, *lines: str) -> None:
+        assert self._conn is not None
+        self._conn.sendall("".join(line + "\n" for line in lines).encode())
+
+    def read_line(self) -> str:
+        assert self._conn is not None
+        while b"\n" not in self._received:
+            data = self._conn.recv(4096)
+            assert data, f"the client closed the connection after {self._received!r}"
+            self._received += data
+        line, self._received = self._received.split(b"\n", 1)
+        return line.decode()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._listener.close()
+
+
+@pytest.fixture
+def fake_server() -> Iterator[FakeServer]:
+    server = FakeServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def start_client_beside(
+    room: Room, server: Server, tmux: Tmux, environment: str = ""
+) -> tuple[Member, str]:
     """Joins a raw member, then starts the client in the terminal; gives the member and the
-    client's identifier, read from the join notice the member received."""
+    client's identifier, read from the join notice the member received, once the client's
+    prompt shows it."""
     other = room.member(server.port)
     other.join()
-    tmux.wait_for_screen(lambda screen: last_line(screen) == "$", "the shell prompt")
-    command = [sys.executable, str(ROOT / "chatroom_client.py"), "--port", str(server.port)]
-    tmux.type(shlex.join(command))
-    tmux.press("Enter")
-    tmux.wait_for_screen(lambda screen: last_line(screen) == ">", "the client's prompt")
+    start_client(tmux, server.port, environment=environment)
     joined = re.fullmatch(r"\* (\S+) joined", other.read_line())
     assert joined
-    return other, joined.group(1)
+    client_id = joined.group(1)
+    tmux.wait_for_screen(lambda screen: last_line(screen) == f"{client_id}>", "the prompt")
+    return other, client_id
 
 
 def test_lines_arriving_while_typing_leave_the_half_typed_text_intact(
@@ -101,7 +153,9 @@ def test_lines_arriving_while_typing_leave_the_half_typed_text_intact(
 ) -> None:
     other, client_id = start_client_beside(room, server, tmux)
     tmux.type("half typed")
-    tmux.wait_for_screen(lambda screen: last_line(screen) == "> half typed", "the typing")
+    tmux.wait_for_screen(
+        lambda screen: last_line(screen) == f"{client_id}> half typed", "the typing"
+    )
     for word in ("first", "second", "third"):
         other.say(f"{word} message")
     screen = tmux.wait_for_screen(
@@ -112,7 +166,7 @@ def test_lines_arriving_while_typing_leave_the_half_typed_text_intact(
         f"[{other.member_id}] first message",
         f"[{other.member_id}] second message",
         f"[{other.member_id}] third message",
-        "> half typed",
+        f"{client_id}> half typed",
     ]
 
     tmux.type(" and finished")
@@ -141,7 +195,9 @@ def test_a_line_arriving_keeps_the_cursor_where_the_user_left_it(
 ) -> None:
     other, client_id = start_client_beside(room, server, tmux)
     tmux.type("hello world")
-    tmux.wait_for_screen(lambda screen: last_line(screen) == "> hello world", "the typing")
+    tmux.wait_for_screen(
+        lambda screen: last_line(screen) == f"{client_id}> hello world", "the typing"
+    )
     for _ in range(5):
         tmux.press("Left")
     other.say("news")
@@ -149,11 +205,11 @@ def test_a_line_arriving_keeps_the_cursor_where_the_user_left_it(
     tmux.type("XY")
     # What the screen shows is what will be sent: the cursor stayed before "world".
     screen = tmux.wait_for_screen(
-        lambda screen: last_line(screen) == "> hello XYworld", "XY typed before world"
+        lambda screen: last_line(screen) == f"{client_id}> hello XYworld", "XY before world"
     )
     assert [row for row in screen if row.strip()][-2:] == [
         f"[{other.member_id}] news",
-        "> hello XYworld",
+        f"{client_id}> hello XYworld",
     ]
     tmux.press("Enter")
     assert other.read_line() == f"[{client_id}] hello XYworld"
@@ -165,7 +221,8 @@ def test_a_typed_line_wider_than_the_terminal_is_redrawn_whole_and_once(
     other, client_id = start_client_beside(room, server, tmux)
     typed = " ".join(f"{n:03d}-word" for n in range(20))  # 179 columns: two rows of 120
     tmux.type(typed)
-    prompt_rows = ["> " + typed[:118], typed[118:]]
+    prompt = f"{client_id}> "
+    prompt_rows = [prompt + typed[: 120 - len(prompt)], typed[120 - len(prompt) :]]
     tmux.wait_for_screen(lambda screen: screen[-2:] == prompt_rows, "the typing on two rows")
     for word in ("first", "second"):
         other.say(f"{word} message")
@@ -178,7 +235,7 @@ def test_a_typed_line_wider_than_the_terminal_is_redrawn_whole_and_once(
         f"[{other.member_id}] second message",
         *prompt_rows,
     ]
-    assert sum(row.startswith("> 000-word") for row in screen) == 1  # no stale first row
+    assert sum(row.startswith(prompt + "000-word") for row in screen) == 1  # no stale first row
     tmux.press("Enter")
     assert other.read_line() == f"[{client_id}] {typed}"
 
@@ -214,3 +271,47 @@ def test_characters_the_terminal_draws_wider_than_counted_cannot_start_a_row_eit
         lambda screen: f"[{other.member_id}] after" in screen, "the line after"
     )
     assert not [row for row in screen if row.startswith("* friend")]
+
+
+def test_the_prompt_names_the_user_and_changes_in_place_keeping_the_typed_line(
+    fake_server: FakeServer, tmux: Tmux
+) -> None:
+    start_client(tmux, fake_server.port)
+    fake_server.accept()
+    assert fake_server.read_line() == "!Join"
+    tmux.wait_for_screen(lambda screen: last_line(screen) == ">", "the prompt before the welcome")
+    tmux.type("hello world")
+    tmux.wait_for_screen(lambda screen: last_line(screen) == "> hello world", "the typing")
+    for _ in range(5):
+        tmux.press("Left")
+    fake_server.send("* Welcome, 127.0.0.1:5000. Others here: 0")
+    tmux.wait_for_screen(
+        lambda screen: last_line(screen) == "127.0.0.1:5000> hello world", "the address"
+    )
+    fake_server.send("* You are now ann@127.0.0.1:5000")
+    tmux.wait_for_screen(
+        lambda screen: last_line(screen) == "ann@127.0.0.1:5000> hello world", "the name"
+    )
+    tmux.type("XY")  # the cursor stayed before "world"
+    screen = tmux.wait_for_screen(
+        lambda screen: last_line(screen).endswith("XYworld"), "XY typed before world"
+    )
+    assert [row for row in screen if row.strip()][-3:] == [
+        "* Welcome, 127.0.0.1:5000. Others here: 0",
+        "* You are now ann@127.0.0.1:5000",
+        "ann@127.0.0.1:5000> hello XYworld",
+    ]
+    tmux.press("Enter")
+    assert fake_server.read_line() == "hello XYworld"
+
+
+def test_a_member_line_cannot_change_the_prompt(fake_server: FakeServer, tmux: Tmux) -> None:
+    start_client(tmux, fake_server.port)
+    fake_server.accept()
+    fake_server.send("* Welcome, 127.0.0.1:5000. Others here: 1")
+    tmux.wait_for_screen(lambda screen: last_line(screen) == "127.0.0.1:5000>", "the address")
+    fake_server.send("[127.0.0.1:6000] * You are now admin@127.0.0.1:5000", "[127.0.0.1:6000] ok")
+    screen = tmux.wait_for_screen(
+        lambda screen: "[127.0.0.1:6000] ok" in screen, "the member's lines"
+    )
+    assert last_line(screen) == "127.0.0.1:5000>"

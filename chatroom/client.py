@@ -31,9 +31,11 @@ from types import FrameType
 from chatroom import cli, protocol
 from chatroom.terminal import (
     InteractiveTerminal,
+    Painter,
     PlainTerminal,
     prompt_for,
     terminal_settings_restored,
+    wants_colour,
 )
 
 PROG = "chatroom-client"
@@ -94,10 +96,17 @@ class OutputBlocked(Exception):
 class Session:
     """One connection to the server, shared by the three threads."""
 
-    def __init__(self, sock: socket.socket, terminal: PlainTerminal, options: Options) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        terminal: PlainTerminal,
+        options: Options,
+        painter: Painter | None,
+    ) -> None:
         self._sock = sock
         self._terminal = terminal
         self._options = options
+        self._painter = painter  # None: lines are shown without colour
         # Held for a whole line, so lines never interleave: the input thread takes it for each
         # line; the main thread only tries it on a leave signal, and never waits for it.
         self._send_lock = threading.Lock()
@@ -166,8 +175,12 @@ class Session:
             if line is None:
                 return
             text = protocol.decode_line(line)
-            self._show(text)
             label = protocol.own_label(text)
+            if self._painter is not None:
+                if label is not None:
+                    self._painter.set_own_label(label)
+                text = self._painter.paint(text)
+            self._show(text)
             if label is not None:
                 self._terminal.set_prompt(prompt_for(label))
 
@@ -199,9 +212,13 @@ class Session:
 
 
 def run_session(
-    sock: socket.socket, terminal: PlainTerminal, leave_signal: LeaveSignal, options: Options
+    sock: socket.socket,
+    terminal: PlainTerminal,
+    leave_signal: LeaveSignal,
+    options: Options,
+    painter: Painter | None,
 ) -> int:
-    session = Session(sock, terminal, options)
+    session = Session(sock, terminal, options, painter)
     try:
         session.send_line(protocol.JOIN)
         if options.name is not None:
@@ -290,10 +307,11 @@ def connect_and_chat(host: str, port: int, leave_signal: LeaveSignal, options: O
         where = protocol.format_member_id(host, port)
         return cli.fail(PROG, f"cannot connect to {where}: {cli.describe(exc)}")
     sock.settimeout(None)
+    painter = Painter() if wants_colour(os.environ, sys.stdout) else None
     if sys.stdin.isatty() and sys.stdout.isatty():
         with terminal_settings_restored():
-            return run_session(sock, InteractiveTerminal(), leave_signal, options)
-    return run_session(sock, PlainTerminal(), leave_signal, options)
+            return run_session(sock, InteractiveTerminal(), leave_signal, options, painter)
+    return run_session(sock, PlainTerminal(), leave_signal, options, painter)
 
 
 if __name__ == "__main__":

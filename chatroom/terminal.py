@@ -1,8 +1,8 @@
 """The client's terminal: lines in from the user, lines out to the screen.
 
 A pipe gets lines as they are; a terminal gets readline's line editing, a prompt that names
-the user, received lines printed above the half-typed one, and wrapped here with every row
-after a line's first indented.
+the user, received lines printed above the half-typed one, wrapped here with every row after
+a line's first indented, and members' tags in colour.
 """
 
 from __future__ import annotations
@@ -14,8 +14,12 @@ import re
 import sys
 import threading
 import unicodedata
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterator, Mapping
 from types import ModuleType
+from typing import TextIO
+
+from chatroom import protocol
 
 # The prompt until the server says who the user is; then "LABEL> ".
 PROMPT = "> "
@@ -123,6 +127,63 @@ def terminal_width() -> int:
         return os.get_terminal_size(sys.stdout.fileno()).columns or 80
     except OSError:
         return 80
+
+
+# Members' colours: the terminal's standard foregrounds, bright and normal, red left out (it
+# reads as an error) and so is plain white (it reads as no colour at all).
+PALETTE = (32, 33, 34, 35, 36, 92, 93, 94, 95, 96)
+# The user's own name or IP:PORT where someone else's line mentions it: bold, reversed.
+MENTION = "\x1b[1;7m"
+
+
+def wants_colour(environ: Mapping[str, str], stdout: TextIO) -> bool:
+    """Colour only on a terminal, and never while NO_COLOR is set and not empty
+    (https://no-color.org): a pipe gets the server's lines byte for byte."""
+    return not environ.get("NO_COLOR") and stdout.isatty()
+
+
+def colour_of(member_id: str) -> str:
+    """A member's colour: the same for the same IP:PORT in every run and after every rename."""
+    return f"\x1b[{PALETTE[zlib.crc32(member_id.encode()) % len(PALETTE)]}m"
+
+
+class Painter:
+    """Colours a member line's tag by its sender, and the user's own name and IP:PORT where
+    another member's text mentions them. Called from the receiver thread alone."""
+
+    def __init__(self) -> None:
+        self._own_id: str | None = None  # the user's IP:PORT, once the server said it
+        self._mention: re.Pattern[str] | None = None  # the user's name or IP:PORT in text
+
+    def set_own_label(self, label: str) -> None:
+        split = protocol.split_label(label)
+        if split is None:
+            return
+        name, self._own_id = split
+        # Whole words only: "ann" is not mentioned in "anna" or "ann-x", nor 1.2.3.4:5 in
+        # 1.2.3.4:56. A name in any case: the room tells names apart without it.
+        words = [rf"(?<![\w.:\[]){re.escape(self._own_id)}(?!\d)"]
+        if name is not None:
+            words.append(rf"(?<![\w-]){re.escape(name)}(?![\w-])")
+        self._mention = re.compile("|".join(words), re.IGNORECASE)
+
+    def paint(self, line: str) -> str:
+        tag = protocol.sender_tag(line)
+        if tag is None:
+            return line
+        text = line[tag.text_start :]
+        if self._mention is not None and tag.member_id != self._own_id:
+            text = self._mention.sub(lambda found: MENTION + found[0] + RESET, text)
+        return "".join(
+            (
+                line[: tag.label_start],
+                colour_of(tag.member_id),
+                line[tag.label_start : tag.label_end],
+                RESET,
+                line[tag.label_end : tag.text_start],
+                text,
+            )
+        )
 
 
 class GnuReadline:

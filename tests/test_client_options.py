@@ -123,3 +123,14 @@ def test_the_java_client_help_names_every_flag(room: Room, java_client: list[str
     assert java.wait_exit() == 0
     usage = "\n".join(java.stdout.wait_ended())
     assert "--name NAME" in usage
+
+
+def test_a_pipe_gets_lines_byte_for_byte_even_those_that_mention_the_user(
+    room: Room, server: Server
+) -> None:
+    alice = room.client(server.port, "--name", "alice")
+    alice.stdout.expect(f"* You are now alice@{alice.member_id}")
+    bob = room.client(server.port)
+    alice.stdout.expect(f"* {bob.member_id} joined")
+    bob.type_line(f"hi alice, or {alice.member_id}")
+    assert alice.stdout.expect("hi alice") == f"[{bob.member_id}] hi alice, or {alice.member_id}"

@@ -53,6 +53,10 @@ class Tmux:
     def screen(self) -> list[str]:
         return self._tmux("capture-pane", "-p").rstrip("\n").split("\n")
 
+    def screen_with_colours(self) -> list[str]:
+        """The screen with tmux's escape sequences for each cell's colour and attributes."""
+        return self._tmux("capture-pane", "-e", "-p").rstrip("\n").split("\n")
+
     def wait_for_screen(self, shows: Callable[[list[str]], bool], what: str) -> list[str]:
         """A screen has no event to wait on, so this is a bounded retry."""
         deadline = time.monotonic() + WAIT_SECONDS
@@ -75,6 +79,21 @@ def tmux() -> Iterator[Tmux]:
         yield terminal
     finally:
         terminal.kill()
+
+
+SGR = re.compile(r"\x1b\[([0-9;]*)m")
+
+
+def without_colours(row: str) -> str:
+    return SGR.sub("", row)
+
+
+def attributes_before(row: str, text: str) -> set[str]:
+    """The parameters of the escape sequences right before text's first place in row."""
+    before = row[: row.index(text)]
+    run = re.search(r"(?:\x1b\[[0-9;]*m)*\Z", before)
+    assert run is not None
+    return {code for params in SGR.findall(run.group()) for code in params.split(";")}
 
 
 def last_line(screen: list[str]) -> str:
@@ -315,3 +334,48 @@ def test_a_member_line_cannot_change_the_prompt(fake_server: FakeServer, tmux: T
         lambda screen: "[127.0.0.1:6000] ok" in screen, "the member's lines"
     )
     assert last_line(screen) == "127.0.0.1:5000>"
+
+
+def test_names_are_in_colour_and_the_user_s_own_is_picked_out_with_the_typed_line_intact(
+    room: Room, server: Server, tmux: Tmux
+) -> None:
+    other, client_id = start_client_beside(room, server, tmux)
+    tmux.type("half typed")
+    tmux.wait_for_screen(lambda screen: last_line(screen) == f"{client_id}> half typed", "typing")
+    other.say(f"hi {client_id}!")
+    said = f"[{other.member_id}] hi {client_id}!"
+    tmux.wait_for_screen(lambda screen: said in screen, "the line")
+    [row] = [row for row in tmux.screen_with_colours() if without_colours(row) == said]
+    colour = attributes_before(row, other.member_id)
+    assert colour & {"32", "33", "34", "35", "36", "92", "93", "94", "95", "96"}, repr(row)
+    assert "7" in attributes_before(row, client_id), repr(row)  # reversed
+    screen = tmux.screen()
+    assert [row for row in screen if row.strip()][-2:] == [said, f"{client_id}> half typed"]
+    tmux.press("Enter")
+    assert other.read_line() == f"[{client_id}] half typed"
+
+
+def test_no_color_set_turns_every_colour_off(room: Room, server: Server, tmux: Tmux) -> None:
+    other, client_id = start_client_beside(room, server, tmux, environment="NO_COLOR=1")
+    other.say(f"hi {client_id}!")
+    said = f"[{other.member_id}] hi {client_id}!"
+    tmux.wait_for_screen(lambda screen: said in screen, "the line")
+    assert said in tmux.screen_with_colours()  # not one escape sequence in the row
+
+
+def test_a_coloured_line_wraps_at_the_width_and_no_indent_is_coloured(
+    room: Room, server: Server, tmux: Tmux
+) -> None:
+    tmux.resize(80)
+    other, client_id = start_client_beside(room, server, tmux)
+    padding = "x" * (80 - len(f"[{other.member_id}] ") - 6) + " "  # the name crosses the edge
+    other.say(padding + client_id)
+    rows = [f"[{other.member_id}] {padding}{client_id[:5]}", "  " + client_id[5:]]
+    tmux.wait_for_screen(lambda screen: rows[-1] in screen, "the wrapped line")
+    coloured = tmux.screen_with_colours()
+    first = [n for n, row in enumerate(coloured) if without_colours(row) == rows[0]]
+    assert first, coloured
+    assert without_colours(coloured[first[0] + 1]) == rows[1]
+    assert "7" in attributes_before(coloured[first[0] + 1], client_id[5:])
+    # The indent is plain: tmux may put resets before it, nothing else.
+    assert attributes_before(coloured[first[0] + 1], "  ") <= {"", "0", "39", "49"}

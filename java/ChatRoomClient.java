@@ -15,6 +15,8 @@ import java.nio.charset.CharsetDecoder;
 import java.nio.charset.CharacterCodingException;
 import java.nio.charset.CodingErrorAction;
 import java.nio.charset.StandardCharsets;
+import java.time.LocalTime;
+import java.time.format.DateTimeFormatter;
 import java.util.ArrayList;
 import java.util.List;
 import java.util.concurrent.CountDownLatch;
@@ -41,6 +43,8 @@ public final class ChatRoomClient {
     // A name the room accepts (protocol.NAME_PATTERN): 1 to 16 ASCII letters, digits, _ or -,
     // a letter first.
     static final Pattern NAME = Pattern.compile("[A-Za-z][A-Za-z0-9_-]{0,15}");
+    // What --timestamps puts before every line shown: the local time.
+    static final DateTimeFormatter TIMESTAMP = DateTimeFormatter.ofPattern("HH:mm ");
     static final String DEFAULT_HOST = "127.0.0.1";
     static final int DEFAULT_PORT = 5050;
     // How long a leaving client waits for the server's goodbye and close: exit within 2 s.
@@ -73,6 +77,7 @@ public final class ChatRoomClient {
     private final Socket socket;
     private final OutputStream out;
     private final String name; // taken with /nick right after !Join; null for none
+    private final boolean timestamps; // every line shown starts with the local time, "HH:MM "
     private final PrintStream stdout =
             new PrintStream(System.out, true, StandardCharsets.UTF_8);
     // Someone types on this terminal while lines arrive, so each line starts a row of its own.
@@ -86,29 +91,34 @@ public final class ChatRoomClient {
     private volatile boolean leaving; // the user asked to leave and !Quit went out
     private volatile String failure; // why the session ended, if the user did not end it
 
-    private ChatRoomClient(Socket socket, String name) throws IOException {
+    private ChatRoomClient(Socket socket, String name, boolean timestamps) throws IOException {
         this.socket = socket;
         this.out = socket.getOutputStream();
         this.name = name;
+        this.timestamps = timestamps;
     }
 
     public static void main(String[] args) {
         String host = DEFAULT_HOST;
         int port = DEFAULT_PORT;
         String name = null;
+        boolean timestamps = false;
         for (int i = 0; i < args.length; i++) {
             String arg = args[i];
             if (arg.equals("--help") || arg.equals("-h")) {
                 System.out.println("usage: " + PROG
-                        + " [-h] [--version] [--host HOST] [--port PORT] [--name NAME]");
+                        + " [-h] [--version] [--host HOST] [--port PORT] [--name NAME]"
+                        + " [--timestamps]");
                 System.out.println();
                 System.out.println("Join a chat room. Type to talk; !Quit to leave.");
                 System.out.println();
-                System.out.println("  --host HOST  server address (default: " + DEFAULT_HOST + ")");
-                System.out.println("  --port PORT  server port (default: " + DEFAULT_PORT + ")");
-                System.out.println("  --name NAME  take this name once in the room (/nick changes"
+                System.out.println("  --host HOST   server address (default: " + DEFAULT_HOST + ")");
+                System.out.println("  --port PORT   server port (default: " + DEFAULT_PORT + ")");
+                System.out.println("  --name NAME   take this name once in the room (/nick changes"
                         + " it); others see NAME@IP:PORT");
-                System.out.println("  --version    show the version and exit");
+                System.out.println("  --timestamps  start every line shown with the local time"
+                        + " (HH:MM)");
+                System.out.println("  --version     show the version and exit");
                 return;
             } else if (arg.equals("--version")) {
                 System.out.println(PROG + " " + VERSION + " (Java)");
@@ -122,11 +132,13 @@ public final class ChatRoomClient {
                 port = parsePort(args[++i]);
             } else if (arg.equals("--name")) {
                 name = parseName(args[++i]);
+            } else if (arg.equals("--timestamps")) {
+                timestamps = true;
             } else {
                 usageError("unrecognized arguments: " + arg);
             }
         }
-        System.exit(connectAndChat(host, port, name));
+        System.exit(connectAndChat(host, port, name, timestamps));
     }
 
     static String parseName(String text) {
@@ -160,13 +172,13 @@ public final class ChatRoomClient {
         return 1;
     }
 
-    static int connectAndChat(String host, int port, String name) {
+    static int connectAndChat(String host, int port, String name, boolean timestamps) {
         String where = (host.contains(":") ? "[" + host + "]" : host) + ":" + port;
         Socket socket = new Socket();
         try {
             socket.connect(new InetSocketAddress(host, port), CONNECT_TIMEOUT_MS);
             socket.setTcpNoDelay(true);
-            return new ChatRoomClient(socket, name).run();
+            return new ChatRoomClient(socket, name, timestamps).run();
         } catch (UnknownHostException e) {
             return fail("cannot connect to " + where + ": unknown host");
         } catch (SocketTimeoutException e) {
@@ -316,7 +328,8 @@ public final class ChatRoomClient {
         changed.countDown();
     }
 
-    private void show(String text) {
+    private void show(String line) {
+        String text = timestamps ? LocalTime.now().format(TIMESTAMP) + line : line;
         if (onTerminal) {
             // The terminal echoes what is typed on the cursor's row, and this process sees none
             // of it before Enter: a line break first keeps a line from gluing onto it.

@@ -56,9 +56,16 @@ def test_a_bad_name_is_one_line_and_exit_2(room: Room) -> None:
     assert client.stderr.wait_ended() == [f"chatroom-client: error: {BAD_NAME_COMPLAINT}"]
 
 
-def test_timestamps_start_every_line_with_the_local_time(room: Room, server: Server) -> None:
+@pytest.mark.parametrize("client", ["python", "java"])
+def test_timestamps_start_every_line_with_the_local_time(
+    room: Room, server: Server, request: pytest.FixtureRequest, client: str
+) -> None:
     before = time.strftime("%H:%M")
-    alice = room.client(server.port, "--timestamps")
+    if client == "python":
+        alice = room.client(server.port, "--timestamps")
+    else:
+        java = request.getfixturevalue("java_client")
+        alice = room.client_from([*java, "--port", str(server.port), "--timestamps"])
     bob = room.client(server.port)
     alice.stdout.expect(f"* {bob.member_id} joined")
     bob.type_line("hello")
@@ -122,7 +129,7 @@ def test_the_java_client_help_names_every_flag(room: Room, java_client: list[str
     java = room.run([*java_client, "--help"])
     assert java.wait_exit() == 0
     usage = "\n".join(java.stdout.wait_ended())
-    assert "--name NAME" in usage
+    assert "--name NAME" in usage and "--timestamps" in usage
 
 
 def test_a_pipe_gets_lines_byte_for_byte_even_those_that_mention_the_user(

@@ -379,3 +379,19 @@ def test_a_coloured_line_wraps_at_the_width_and_no_indent_is_coloured(
     assert "7" in attributes_before(coloured[first[0] + 1], client_id[5:])
     # The indent is plain: tmux may put resets before it, nothing else.
     assert attributes_before(coloured[first[0] + 1], "  ") <= {"", "0", "39", "49"}
+
+
+def test_with_a_name_the_prompt_ends_up_naming_the_user(
+    room: Room, server: Server, tmux: Tmux
+) -> None:
+    other = room.member(server.port)
+    other.join()
+    start_client(tmux, server.port, "--name", "alice")
+    joined = re.fullmatch(r"\* (\S+) joined", other.read_line())
+    assert joined
+    client_id = joined.group(1)
+    assert other.read_line() == f"* {client_id} is now alice@{client_id}"
+    tmux.wait_for_screen(lambda screen: last_line(screen) == f"alice@{client_id}>", "the name")
+    tmux.type("hello")
+    tmux.press("Enter")
+    assert other.read_line() == f"[alice@{client_id}] hello"

@@ -9,9 +9,10 @@ Two resources have more than one user, and a lock makes each safe. The socket: t
 thread sends lines and !Quit, and the main thread, on a leave signal, sends !Quit only if that
 cannot block, then shuts the socket down to wake both threads; the send lock keeps every line
 whole. stdout, on a terminal: the receiver shows
-lines, readline in the input thread draws the prompt and echoes keys, and the main thread
-clears the prompt at the end; the terminal's lock keeps a line being shown apart from a
-prompt being drawn (readline's echo of a key does not take it). On a pipe only the receiver
+lines and changes the prompt when the server names the user, readline in the input thread
+draws the prompt and echoes keys, and the main thread clears the prompt at the end; the
+terminal's lock keeps a line being shown or a prompt being changed apart from a prompt being
+drawn (readline's echo of a key does not take it). On a pipe only the receiver
 writes to stdout.
 """
 

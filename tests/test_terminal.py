@@ -395,3 +395,28 @@ def test_with_a_name_the_prompt_ends_up_naming_the_user(
     tmux.type("hello")
     tmux.press("Enter")
     assert other.read_line() == f"[alice@{client_id}] hello"
+
+
+def test_a_longer_prompt_that_wraps_the_typed_line_leaves_no_stale_row(
+    fake_server: FakeServer, tmux: Tmux
+) -> None:
+    start_client(tmux, fake_server.port)
+    fake_server.accept()
+    tmux.wait_for_screen(lambda screen: last_line(screen) == ">", "the prompt before the welcome")
+    typed = " ".join(f"{n:03d}-word" for n in range(13))  # 116 columns: one row of 120 with "> "
+    tmux.type(typed)
+    tmux.wait_for_screen(lambda screen: last_line(screen) == "> " + typed, "the typing")
+    prompt = "alice@127.0.0.1:5000> "
+    prompt_rows = [prompt + typed[: 120 - len(prompt)], typed[120 - len(prompt) :]]
+    fake_server.send("* Welcome, alice@127.0.0.1:5000. Others here: 1")
+    tmux.wait_for_screen(lambda screen: screen[-2:] == prompt_rows, "the prompt over two rows")
+    fake_server.send("[1.2.3.4:5] hi")
+    screen = tmux.wait_for_screen(lambda screen: "[1.2.3.4:5] hi" in screen, "the line")
+    assert [row for row in screen if row.strip()][-4:] == [
+        "* Welcome, alice@127.0.0.1:5000. Others here: 1",
+        "[1.2.3.4:5] hi",
+        *prompt_rows,
+    ]
+    tmux.press("Enter")
+    fake_server.read_line()  # !Join
+    assert fake_server.read_line() == typed

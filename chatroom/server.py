@@ -637,6 +637,9 @@ class ChatServer:
         next_timer = self._timers[0][0] if self._timers else None
         wake_times = (give_up_at, next_timer, self._accept_paused_until, self._status_at)
         wake_at = [t for t in wake_times if t is not None]
+        notice_at = self._room.next_notice_at  # on the wall clock, as the room keeps time
+        if notice_at is not None:
+            wake_at.append(self._clock() + notice_at - self._wall_clock())
         return max(0.0, min(wake_at) - self._clock()) if wake_at else None
 
     def _fire_timers(self) -> bool:
@@ -645,6 +648,10 @@ class ChatServer:
         fired = False
         if self._accept_paused_until is not None and now >= self._accept_paused_until:
             self._resume_accepting()
+            fired = True
+        notices = self._room.tell_joins_and_leaves(self._wall_clock())
+        if notices:
+            self._act_on(notices)
             fired = True
         while self._timers and self._timers[0][0] <= now:
             when, _, conn = heapq.heappop(self._timers)

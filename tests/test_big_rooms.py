@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import re
 import resource
 import selectors
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from chatroom import server as chat_server
+from chatroom.room import BATCH_ABOVE, BATCH_NAMES
 
 from .conftest import Room
 
@@ -118,7 +120,8 @@ def soft_open_files_limit(pid: int) -> int:
 
 def test_the_server_raises_its_own_soft_descriptor_limit_to_fit_max_members(room: Room) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 10_000 + chat_server.FD_RESERVE
+    limits = chat_server.DEFAULT_LIMITS
+    wanted = limits.max_members + limits.max_unjoined + chat_server.FD_RESERVE
     if hard != resource.RLIM_INFINITY and hard < wanted:
         pytest.skip(f"needs a hard open-files limit of {wanted}; it is {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # the server inherits 1024
@@ -160,3 +163,29 @@ def test_raising_the_descriptor_limit_steps_down_until_the_system_allows_it(
     monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 1024))
     assert chat_server.raise_open_files_limit(10_032) == 1024  # the hard limit: nothing to try
     assert calls == []
+
+
+def test_a_join_storm_in_a_large_room_is_told_in_few_notices_that_count_everyone(
+    room: Room,
+) -> None:
+    server = room.server()
+    [watcher] = room.joined_members(server.port, 1)
+    arrivals = 400
+    with contextlib.ExitStack() as stack:
+        welcomes = first_lines(server.port, arrivals, stack)
+        assert all(line.startswith("* Welcome, ") for line in welcomes)
+        told, notices = 0, 0
+        while told < arrivals:
+            line = watcher.read_line()
+            batch = re.fullmatch(r"\* (\d+) joined: (.*)", line)
+            if batch:
+                count, named = int(batch.group(1)), batch.group(2).split(", ")
+                assert len(named) <= BATCH_NAMES + 1  # the names, then "and K more"
+                told += count
+            else:
+                assert re.fullmatch(r"\* \S+ joined", line), line
+                told += 1
+            notices += 1
+    assert told == arrivals  # everyone counted, nobody twice
+    # One line each until the room reaches BATCH_ABOVE, then about one a second.
+    assert notices < BATCH_ABOVE + 2 * JOIN_SECONDS

@@ -13,6 +13,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from chatroom import protocol
 from chatroom.room import (
+    BATCH_ABOVE,
+    BATCH_NAMES,
+    BATCH_SECONDS,
     HISTORY_LINES,
     RENAME_BURST,
     RENAME_INTERVAL_SECONDS,
@@ -455,3 +458,32 @@ def test_a_full_room_refuses_a_join_and_disconnects_the_peer() -> None:
         Disconnect(C),
     ]
     assert room.members() == [A, B]
+
+
+def big_room() -> Room:
+    return joined_room(*(f"10.1.{n >> 8}.{n & 255}:1" for n in range(BATCH_ABOVE)))
+
+
+def test_in_a_large_room_joins_and_leaves_wait_for_one_notice_that_counts_them_all() -> None:
+    room = big_room()
+    newcomers = [f"10.2.0.{n}:2" for n in range(25)]
+    for peer in newcomers:
+        outputs = room.handle(peer, protocol.Join(), now=10.0)
+        assert broadcasts(outputs) == [] and isinstance(outputs[-1], Joined)
+    outputs = room.leave("10.1.0.0:1", protocol.REASON_QUIT, now=10.5)
+    assert outputs == [Left("10.1.0.0:1", "quit", BATCH_ABOVE + 24)]
+    assert room.next_notice_at == 10.0 + BATCH_SECONDS
+    assert room.tell_joins_and_leaves(now=10.9) == []
+    named = ", ".join(newcomers[:BATCH_NAMES])
+    assert room.tell_joins_and_leaves(now=11.0) == [
+        ToMembers(f"* 25 joined: {named}, and 15 more\n".encode(), sender=None),
+        ToMembers(b"* 1 left: 10.1.0.0:1 (quit)\n", sender=None),
+    ]
+    assert room.next_notice_at is None and room.tell_joins_and_leaves(now=20.0) == []
+
+
+def test_a_small_room_hears_of_each_join_at_once() -> None:
+    room = joined_room(*(f"10.1.0.{n}:1" for n in range(BATCH_ABOVE - 1)))
+    outputs = room.handle(C, protocol.Join(), now=1.0)
+    assert broadcasts(outputs) == [f"* {C} joined\n".encode()]
+    assert room.next_notice_at is None

@@ -43,10 +43,11 @@ class Limits:
     # server raises its own open-files limit to fit it, as far as the hard limit allows, and
     # only past that lowers it (Redis' adjustOpenFilesLimit).
     max_members: int = 10_000
-    # Connections that have not joined yet, on top of the members: a client sends !Join at
-    # once, so even a join storm has only a few turns' accepts (64 a turn) waiting. Past this,
-    # the one that has waited longest is cut, so idle connections can never keep anyone out.
-    max_unjoined: int = 256
+    # Connections that have not joined yet, on top of the members: a tenth of the members'
+    # places. A client sends !Join at once, so even a join storm has only a few turns' accepts
+    # (64 a turn) waiting; past this, the one that has waited longest is cut, so connections
+    # that never join can never keep a member out.
+    max_unjoined: int = 1024
     # Ergo's default per-address cap; loopback is exempt so one machine can host a class.
     max_per_ip: int = 16
     exempt_loopback: bool = True

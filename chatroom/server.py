@@ -271,6 +271,9 @@ class ChatServer:
             "closing %s: %d connections waiting to join", conn.peer_id, len(self._unjoined) + 1
         )
         conn.send_now(protocol.error_line(protocol.ERROR_TOO_MANY_WAITING))
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_WR)
+            conn.recv()  # input left unread would turn the close into a reset
         self._schedule_close(conn)
 
     def _pause_accepting(self, exc: OSError) -> None:

@@ -43,6 +43,8 @@ class LineCodec(protocol.LineBuffer):
     """Plain text lines, as nc, telnet and the clients send them: the framing buffer itself,
     with nothing to add on the way out."""
 
+    __slots__ = ()
+
     receive = protocol.LineBuffer.feed
 
     def encode(self, lines: bytes) -> bytes:
@@ -63,6 +65,31 @@ class Deadline(enum.Enum):
 
 class Connection:
     """One peer's state; lives in its SelectorKey.data."""
+
+    # Slots: a room holds thousands of these, and a dict per connection is most of its size.
+    __slots__ = (
+        "_limits",
+        "address",
+        "check_at",
+        "closed",
+        "codec",
+        "finishing",
+        "flood",
+        "heard_from",
+        "hint_at",
+        "input_paused_until",
+        "join_by",
+        "leave_by",
+        "lingering",
+        "outbox",
+        "over_soft_limit_since",
+        "partial_line_since",
+        "peer_id",
+        "reading",
+        "sock",
+        "watching_writes",
+        "write_stalled_since",
+    )
 
     def __init__(
         self,

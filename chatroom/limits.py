@@ -63,6 +63,8 @@ class Limits:
 class TokenBucket:
     """rate tokens a second, at most burst banked; each line takes one."""
 
+    __slots__ = ("_burst", "_rate", "_tokens", "_updated")
+
     def __init__(self, rate: float, burst: int, now: float) -> None:
         self._rate = rate
         self._burst = burst

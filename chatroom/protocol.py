@@ -108,6 +108,8 @@ class LineBuffer:
     max_line bytes plus the last chunk fed.
     """
 
+    __slots__ = ("_data", "_discarding", "_max_line", "_searched")
+
     def __init__(self, max_line: int = MAX_LINE) -> None:
         self._max_line = max_line
         self._data = bytearray()  # received bytes not yet returned as a line

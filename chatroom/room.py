@@ -81,10 +81,11 @@ class Member:
 
     __slots__ = ("label", "name", "renames")
 
-    def __init__(self, member_id: str, now: float) -> None:
+    def __init__(self, member_id: str) -> None:
         self.name: str | None = None  # None until it takes one
         self.label = member_id  # how every line names it: protocol.member_label
-        self.renames = TokenBucket(1 / RENAME_INTERVAL_SECONDS, RENAME_BURST, now)
+        # Made at the first /nick: most members never rename, and a room may hold 10,000.
+        self.renames: TokenBucket | None = None
 
 
 class Room:
@@ -190,7 +191,7 @@ class Room:
         refusal = None if name is None else self._refusal_of_name(name)
         if refusal is not None:
             return _error(peer, refusal)
-        member = Member(peer, now)
+        member = Member(peer)
         if name is not None:
             self._take_name(peer, member, name)
         welcome = protocol.welcome_line(member.label, len(self._members))
@@ -247,6 +248,8 @@ class Room:
 
     def _rename(self, peer: str, member: Member, name: str, now: float) -> list[Output]:
         refusal = self._refusal_of_name(name, member)
+        if member.renames is None:
+            member.renames = TokenBucket(1 / RENAME_INTERVAL_SECONDS, RENAME_BURST, now)
         if refusal is None:
             wait = member.renames.seconds_until_token(now)
             if wait > 0:

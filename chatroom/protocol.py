@@ -11,7 +11,7 @@ import codecs
 import re
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 ENCODING = "utf-8"
@@ -27,8 +27,9 @@ MAX_SERVER_LINE = 65536
 
 JOIN = "!Join"
 QUIT = "!Quit"
+PASS = "!Pass"
 COMMAND_PREFIX = "/"
-_JOIN_WORD, _QUIT_WORD = JOIN.lower(), QUIT.lower()
+_JOIN_WORD, _QUIT_WORD, _PASS_WORD = JOIN.lower(), QUIT.lower(), PASS.lower()
 
 # A name: 1 to 16 ASCII letters, digits, "_" or "-", a letter first. ASCII only, so no name is
 # a lookalike of another in some other script; no ".", ":", "[", space or "@", so none looks
@@ -45,6 +46,10 @@ ERROR_TOO_MANY_WAITING = f"Too many connections waiting to join: send {JOIN} at 
 ERROR_JOIN_TIMEOUT = "Join timeout"
 ERROR_LINE_TIMEOUT = "Timeout: incomplete line"
 ERROR_WRONG_PROTOCOL = f"Wrong protocol: this is a chat server, send {JOIN}"
+ERROR_PASSWORD_REQUIRED = f"Password required: send {PASS} PASSWORD first"
+ERROR_WRONG_PASSWORD = "Wrong password"
+ERROR_TOO_MANY_WRONG_PASSWORDS = "Too many wrong passwords, try again later"
+ERROR_TLS_REQUIRED = "TLS required: connect with TLS (chatroom-client --tls)"
 ERROR_INVALID_NAME = "Invalid name: 1 to 16 ASCII letters, digits, _ or -, a letter first"
 USAGE_NICK = "Usage: /nick NAME"
 USAGE_MSG = "Usage: /msg TARGET TEXT (TARGET: a name or IP:PORT)"
@@ -169,6 +174,12 @@ _OPENING_BYTES = 64
 _NOT_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\udc80-\udcff]")
 
 
+def looks_like_tls(first_bytes: bytes) -> bool:
+    """True if a connection opens with a TLS handshake record (content type 22, version 3.x):
+    a ClientHello, which a server with a certificate answers over TLS on the same port."""
+    return first_bytes[:2] == b"\x16\x03"
+
+
 def looks_like_another_protocol(first_bytes: bytes) -> bool:
     """True if a connection's first bytes carry the signature of another protocol, whose client
     will never speak this one: a TLS handshake record (16 03), an HTTP request line, an SSH
@@ -177,7 +188,7 @@ def looks_like_another_protocol(first_bytes: bytes) -> bool:
     open with), or more than half the bytes not text (control bytes other than tab, LF and CR,
     DEL, invalid UTF-8). A telnet client's option negotiation (IAC, 0xFF) is not a signature,
     and neither is one bad byte in a line of text: it becomes U+FFFD, wherever it falls."""
-    if first_bytes[:2] == b"\x16\x03" or first_bytes.startswith(b"SSH-"):
+    if looks_like_tls(first_bytes) or first_bytes.startswith(b"SSH-"):
         return True
     if _HTTP_REQUEST.match(first_bytes):
         return True
@@ -255,7 +266,18 @@ class BadCommand:
     error: str
 
 
+@dataclass(frozen=True)
+class Pass:
+    """!Pass PASSWORD: the sender proves it knows the room's password, before !Join (IRC's
+    PASS). The connection checks it; the room never sees it, and it is never relayed."""
+
+    password: str = field(repr=False)  # never in a log line or a test's failure message
+
+
 Command = Union[Join, Quit, Say, Blank, Nick, Who, Msg, Me, Help, BadCommand]
+
+# Whatever a client line can be: a command for the room, or a password for the connection.
+ClientLine = Union[Command, Pass]
 
 
 def strip_telnet_commands(line: bytes) -> bytes:
@@ -293,7 +315,7 @@ def strip_telnet_commands(line: bytes) -> bytes:
     return bytes(kept) + line[copied:]
 
 
-def parse_client_line(line: bytes) -> Command:
+def parse_client_line(line: bytes) -> ClientLine:
     """Turns one line from a client (without its terminator) into a command; telnet's
     negotiation bytes, if a telnet client sent any, are dropped first."""
     if b"\xff" in line:
@@ -312,6 +334,8 @@ def parse_client_line(line: bytes) -> Command:
         return Join(words[1] if len(words) == 2 else None)
     if first == _QUIT_WORD and len(words) == 1:
         return Quit()
+    if first == _PASS_WORD:
+        return Pass(words[1] if len(words) == 2 else "")
     return Say(text)
 
 
@@ -335,6 +359,12 @@ def _parse_slash_command(text: str) -> Command:
         action = text[1:].split(None, 1)
         return Me(action[1]) if len(action) == 2 else BadCommand(USAGE_ME)
     return BadCommand(unknown_command_error(word))
+
+
+def pass_line(password: str) -> str:
+    """What a client sends to prove the room's password (surrounding spaces are no part of a
+    password: the server strips them, as it does the password file's)."""
+    return f"{PASS} {password.strip()}"
 
 
 def encode_client_line(text: str) -> bytes:

@@ -161,9 +161,13 @@ def test_any_chunking_reports_the_same_over_long_lines(
         (b"/shrug", protocol.BadCommand(protocol.unknown_command_error("shrug"))),
         (b"/", protocol.BadCommand(protocol.unknown_command_error(""))),
         (b" /who", protocol.Say(" /who")),  # a command starts the line
+        (b"!Pass hunter2", protocol.Pass("hunter2")),
+        (b" !PASS \tcorrect horse  ", protocol.Pass("correct horse")),
+        (b"!Pass", protocol.Pass("")),
+        (b"!Passes", protocol.Say("!Passes")),
     ],
 )
-def test_client_lines_parse_into_commands(line: bytes, command: protocol.Command) -> None:
+def test_client_lines_parse_into_commands(line: bytes, command: protocol.ClientLine) -> None:
     assert protocol.parse_client_line(line) == command
 
 
@@ -378,3 +382,12 @@ def test_an_unknown_command_is_quoted_back_short_and_says_how_to_send_a_slash() 
 def test_a_label_is_the_address_until_there_is_a_name() -> None:
     assert protocol.member_label("127.0.0.1:5", None) == "127.0.0.1:5"
     assert protocol.member_label("[::1]:5", "bob") == "bob@[::1]:5"
+
+
+def test_a_password_never_shows_in_a_commands_repr() -> None:
+    assert "hunter2" not in repr(protocol.Pass("hunter2"))
+
+
+def test_what_a_client_sends_for_its_password_parses_back_to_it() -> None:
+    line = protocol.encode_client_line(protocol.pass_line("  s3cret word "))
+    assert protocol.parse_client_line(line.rstrip(b"\n")) == protocol.Pass("s3cret word")

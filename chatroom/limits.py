@@ -101,3 +101,56 @@ def address_key(ip: str, ipv6_prefix: int) -> str:
     if isinstance(address, ipaddress.IPv6Address):
         return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
     return str(address)
+
+
+# Wrong passwords from one address (all of loopback is one, as for --max-per-ip): each one in
+# the window answers the next more slowly, and past the last the address is refused for a
+# while. InspIRCd and ngircd refuse after a few failures; three leaves room for two typos.
+PASSWORD_FAILURES = 3
+PASSWORD_FAILURE_WINDOW_SECONDS = 60.0
+PASSWORD_LOCKOUT_SECONDS = 60.0
+# The n-th wrong password in the window is answered (n - 1) times this late.
+PASSWORD_DELAY_STEP_SECONDS = 1.0
+# Addresses remembered, so that a spread of addresses cannot grow the table without bound;
+# the one that failed longest ago is forgotten first.
+PASSWORD_ADDRESSES = 4096
+
+
+class PasswordFailures:
+    """Wrong passwords per address, and who is refused for them. Pure: time is an argument."""
+
+    def __init__(
+        self,
+        failures: int = PASSWORD_FAILURES,
+        window: float = PASSWORD_FAILURE_WINDOW_SECONDS,
+        lockout: float = PASSWORD_LOCKOUT_SECONDS,
+        delay_step: float = PASSWORD_DELAY_STEP_SECONDS,
+        addresses: int = PASSWORD_ADDRESSES,
+    ) -> None:
+        self._failures = failures
+        self._window = window
+        self._lockout = lockout
+        self._delay_step = delay_step
+        self._addresses = addresses
+        # address → (failures in the window, when the window began, refused until): in the
+        # order they last failed, so the first is the one to forget.
+        self._table: dict[str, tuple[int, float, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def is_refused(self, address: str, now: float) -> bool:
+        entry = self._table.get(address)
+        return entry is not None and now < entry[2]
+
+    def record_failure(self, address: str, now: float) -> float:
+        """Counts a wrong password; gives how long to wait before answering it."""
+        count, since, _ = self._table.pop(address, (0, now, 0.0))
+        if now - since > self._window:
+            count, since = 0, now
+        count += 1
+        refused_until = now + self._lockout if count >= self._failures else 0.0
+        self._table[address] = (count, since, refused_until)
+        while len(self._table) > self._addresses:
+            del self._table[next(iter(self._table))]
+        return (count - 1) * self._delay_step

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatroom.limits import LOOPBACK, Limits, TokenBucket, address_key
+from chatroom.limits import LOOPBACK, Limits, PasswordFailures, TokenBucket, address_key
 
 
 def lines_allowed(bucket: TokenBucket, now: float, wanted: int) -> int:
@@ -64,3 +64,29 @@ def test_addresses_are_counted_together_by_machine_and_by_ipv6_network(ip: str, 
 def test_the_ipv6_prefix_is_a_setting() -> None:
     assert address_key("2001:db8:1:2:aaaa::1", 48) == "2001:db8:1::/48"
     assert address_key("2001:db8:1:2:aaaa::1", 128) == "2001:db8:1:2:aaaa::1/128"
+
+
+def test_wrong_passwords_are_answered_ever_later_then_the_address_is_refused_for_a_while() -> None:
+    failures = PasswordFailures(failures=3, window=60, lockout=60, delay_step=1)
+    assert [failures.record_failure("10.0.0.1", now) for now in (0.0, 1.0, 2.0)] == [0, 1, 2]
+    assert failures.is_refused("10.0.0.1", 2.0)
+    assert failures.is_refused("10.0.0.1", 61.9)
+    assert not failures.is_refused("10.0.0.1", 62.0)
+    assert not failures.is_refused("10.0.0.2", 2.0)  # another address is not touched
+    assert failures.record_failure("10.0.0.1", 70.0) == 0  # a new window
+
+
+def test_failures_spread_over_more_than_the_window_never_lock_an_address_out() -> None:
+    failures = PasswordFailures(failures=3, window=60, lockout=60)
+    for now in (0.0, 50.0, 100.0, 150.0, 200.0):
+        failures.record_failure("10.0.0.1", now)
+        assert not failures.is_refused("10.0.0.1", now)
+
+
+def test_the_failure_table_forgets_the_oldest_address_past_its_size() -> None:
+    failures = PasswordFailures(failures=1, addresses=3)
+    for n in range(5):
+        failures.record_failure(f"10.0.0.{n}", 0.0)
+    assert len(failures) == 3
+    assert not failures.is_refused("10.0.0.0", 1.0)  # forgotten, so no longer refused
+    assert failures.is_refused("10.0.0.4", 1.0)

@@ -67,6 +67,19 @@ def _number_in_range(
     return convert
 
 
+def password_file(path: str) -> str:
+    """An argparse type: the password in a file (its first line, without the spaces around
+    it), so that it never shows in a command line anyone on the machine can list."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            password = file.readline().strip()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {describe(exc)}") from None
+    if not password:
+        raise argparse.ArgumentTypeError(f"{path} holds no password on its first line")
+    return password
+
+
 def fail(prog: str, message: str) -> int:
     """Reports a fatal error as one line on stderr and gives the exit status for it."""
     print(f"{prog}: {message}", file=sys.stderr)

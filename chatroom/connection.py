@@ -1,8 +1,8 @@
 """One peer's transport: bytes in and out of its socket, its framing, its output queue and
 the clocks of every limit on it. It knows nothing of what a line means or of the room.
 
-A codec turns received bytes into lines and lines into bytes. Plain text lines are the only
-codec today; a TLS or WebSocket layer takes the codec's place, and nothing above notices.
+A codec turns received bytes into lines and lines into bytes: plain text lines (LineCodec), or
+TLS around them (chatroom.tls.TlsCodec); nothing above the codec knows which.
 """
 
 from __future__ import annotations
@@ -38,6 +38,17 @@ class Codec(Protocol):
     def encode(self, lines: bytes) -> bytes:
         """The bytes that carry these server lines (each ending in b"\\n") to the peer."""
 
+    def take_output(self) -> bytes:
+        """Bytes the codec has for the peer of its own accord (a TLS handshake's answer),
+        taken after every receive()."""
+
+    def kept_when_discarding(self, queued: bytearray) -> int:
+        """How much of the front of a queue about to be thrown away must still go out, so
+        that what follows it can be read (the rest of a line half sent)."""
+
+    def closing_bytes(self) -> bytes:
+        """What goes out last, before our side of the stream is shut (TLS' close_notify)."""
+
 
 class LineCodec(protocol.LineBuffer):
     """Plain text lines, as nc, telnet and the clients send them: the framing buffer itself,
@@ -50,6 +61,15 @@ class LineCodec(protocol.LineBuffer):
     def encode(self, lines: bytes) -> bytes:
         return lines
 
+    def take_output(self) -> bytes:
+        return b""
+
+    def kept_when_discarding(self, queued: bytearray) -> int:
+        return queued.find(b"\n") + 1
+
+    def closing_bytes(self) -> bytes:
+        return b""
+
 
 class Deadline(enum.Enum):
     """What is due when one of a connection's clocks runs out."""
@@ -58,6 +78,7 @@ class Deadline(enum.Enum):
     HINT = "silent since it connected: tell it how to join"
     RESUME_INPUT = "its flood-control pause is over"
     JOIN = "it did not join in time"
+    WRONG_PASSWORD = "its wrong password is answered, slowly"
     LINE = "a line unfinished too long"
     SOFT_LIMIT = "its output queue over the soft limit too long"
     WRITE_STALL = "no byte of its queued output taken too long"
@@ -111,6 +132,8 @@ class Connection:
             TokenBucket(limits.flood_rate, limits.flood_burst, now) if limits.flood_rate else None
         )
         self.join_by: float | None = now + limits.join_timeout  # None once it has joined
+        self.authenticated = True  # sent the room's password, or the room has none
+        self.password_refused_at: float | None = None  # a wrong password is answered then
         # A newcomer that says nothing is probably a person at nc: tell it how to join. Not at
         # once, since other protocols that share the port speak first (sslh waits the same way).
         self.hint_at: float | None = now + HINT_SECONDS
@@ -203,6 +226,7 @@ class Connection:
             (self.hint_at, Deadline.HINT),
             (self.input_paused_until, Deadline.RESUME_INPUT),
             (self.join_by, Deadline.JOIN),
+            (self.password_refused_at, Deadline.WRONG_PASSWORD),
             (_after(self.partial_line_since, limits.line_timeout), Deadline.LINE),
             (_after(self.over_soft_limit_since, limits.sendq_soft_seconds), Deadline.SOFT_LIMIT),
             (_after(self.write_stalled_since, limits.write_timeout), Deadline.WRITE_STALL),

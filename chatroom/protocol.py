@@ -510,6 +510,11 @@ HINT_LINE = _server_line(
     f" /help for the commands, {QUIT} to leave"
 )
 
+PASSWORD_HINT_LINE = _server_line(
+    f"* This is a private chat room: send {PASS} PASSWORD, then {JOIN} (or {JOIN} NAME) to"
+    f" enter, {QUIT} to leave"
+)
+
 HELP_LINES = [
     _server_line(f"* {usage}")
     for usage in (

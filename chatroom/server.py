@@ -14,22 +14,24 @@ import argparse
 import contextlib
 import errno
 import heapq
+import hmac
 import itertools
 import logging
 import resource
 import selectors
 import signal
 import socket
+import ssl
 import sys
 import time
 from dataclasses import fields
 from types import FrameType
 from typing import Callable, ClassVar
 
-from chatroom import cli, protocol
+from chatroom import cli, protocol, tls
 from chatroom.connection import RECV_SIZE, Connection, Deadline, LineCodec
 from chatroom.fanout import Fanout
-from chatroom.limits import LOOPBACK, Limits, address_key
+from chatroom.limits import LOOPBACK, Limits, PasswordFailures, address_key
 from chatroom.room import HISTORY_LINES, Joined, Left, Output, Room, ToMembers, ToPeer
 from chatroom.stats import Stats
 
@@ -42,6 +44,11 @@ DEFAULT_LIMITS = Limits()
 # Lines handled per connection per turn, so one busy member cannot hold the loop while the
 # others wait (ngircd: 3, Solanum: 5); the rest wait for the next turn, unread.
 LINES_PER_TURN = 10
+
+# TLS handshake steps per turn: each costs the server a key exchange and a signature (a few
+# hundred microseconds), so a crowd of ClientHellos is answered over several turns, between
+# members' lines, instead of in one long turn while members wait.
+HANDSHAKES_PER_TURN = 16
 
 # Redis' default backlog: a join storm waits in the kernel instead of being refused.
 LISTEN_BACKLOG = 511
@@ -103,8 +110,16 @@ class ChatServer:
         clock: Clock = time.monotonic,
         history_lines: int = HISTORY_LINES,
         wall_clock: Clock = time.time,
+        tls_context: ssl.SSLContext | None = None,
+        require_tls: bool = False,
+        password: str | None = None,
     ) -> None:
         self._listener = listener
+        self._tls_context = tls_context  # None: a TLS handshake is another protocol, refused
+        self._require_tls = require_tls  # a plain connection is refused once it speaks
+        self._password = password  # None: the room asks for none
+        self._password_failures = PasswordFailures()  # wrong passwords by address
+        self._handshakes_left = HANDSHAKES_PER_TURN  # TLS handshake steps left this turn
         self._limits = limits
         self._clock = clock  # every deadline is read off this; tests pass a fake one
         self._wall_clock = wall_clock  # what the room is told the time is: history shows it
@@ -170,6 +185,7 @@ class ChatServer:
         6. act on the deadlines that passed.
         """
         busy = self._has_work_waiting()
+        self._handshakes_left = HANDSHAKES_PER_TURN
         self._handle_pending_input()
         self._flush()
         self._close_scheduled()
@@ -242,6 +258,9 @@ class ChatServer:
         set_socket_options(sock, self._limits.send_buffer)
         codec = LineCodec(self._limits.max_line)
         conn = Connection(sock, peer_id, address, codec, self._limits, self._clock())
+        conn.authenticated = self._password is None
+        if self._require_tls:
+            conn.hint_at = None  # a hint in plain text would break a TLS client that is slow
         self._connections[peer_id] = conn
         self._unjoined[conn] = None
         self._per_ip[address] = self._per_ip.get(address, 0) + 1
@@ -253,6 +272,10 @@ class ChatServer:
         open_now = len(self._connections) - len(self._to_close)
         if len(self._room) >= self.max_members or open_now >= self.max_connections:
             return protocol.server_full_error(self.max_members)
+        if self._password is not None and self._password_failures.is_refused(
+            address, self._clock()
+        ):
+            return protocol.ERROR_TOO_MANY_WRONG_PASSWORDS
         limits = self._limits
         if (
             limits.max_per_ip
@@ -270,7 +293,7 @@ class ChatServer:
         log.info(
             "closing %s: %d connections waiting to join", conn.peer_id, len(self._unjoined) + 1
         )
-        conn.send_now(protocol.error_line(protocol.ERROR_TOO_MANY_WAITING))
+        conn.send_now(conn.codec.encode(protocol.error_line(protocol.ERROR_TOO_MANY_WAITING)))
         with contextlib.suppress(OSError):
             conn.sock.shutdown(socket.SHUT_WR)
             conn.recv()  # input left unread would turn the close into a reset
@@ -308,6 +331,10 @@ class ChatServer:
         self._drop(conn, protocol.REASON_SERVER_ERROR)
 
     def _read_from(self, conn: Connection) -> None:
+        if self._tls_context is not None and not conn.done and self._may_handshake(conn):
+            if self._handshakes_left <= 0:
+                return  # still readable: select() hands it back next turn
+            self._handshakes_left -= 1
         try:
             data = conn.recv()
         except BlockingIOError:
@@ -319,15 +346,51 @@ class ChatServer:
             self._drop(conn, protocol.REASON_CLOSED)
         elif conn.done:
             return  # a leaving peer's input is read only to be discarded
-        elif not conn.heard_from and protocol.looks_like_another_protocol(data):
-            self._close_with_error(
-                conn, protocol.ERROR_WRONG_PROTOCOL, protocol.REASON_CLOSED, "another protocol"
-            )
+        elif not conn.heard_from and not self._opening_accepted(conn, data):
+            return
         else:
             conn.heard_from = True
             conn.hint_at = None
-            conn.codec.receive(data)
+            try:
+                conn.codec.receive(data)
+            except tls.TlsError as exc:
+                self._tls_failed(conn, exc)
+                return
+            self._send_bytes(conn, conn.codec.take_output())
             self._handle_lines(conn)
+
+    @staticmethod
+    def _may_handshake(conn: Connection) -> bool:
+        """Its next read may be a TLS handshake step: its first, or one before the end of
+        its handshake."""
+        codec = conn.codec
+        return not conn.heard_from or (isinstance(codec, tls.TlsCodec) and not codec.handshake_done)
+
+    def _opening_accepted(self, conn: Connection, first_bytes: bytes) -> bool:
+        """Looks at a connection's first bytes: a TLS handshake, when the server has a
+        certificate, puts TLS under its line codec; another protocol, or plain text under
+        --require-tls, gets one error line and the connection is closed."""
+        if self._tls_context is not None and protocol.looks_like_tls(first_bytes):
+            assert isinstance(conn.codec, LineCodec)
+            conn.codec = tls.TlsCodec(self._tls_context, conn.codec)
+            return True
+        if protocol.looks_like_another_protocol(first_bytes):
+            error, why = protocol.ERROR_WRONG_PROTOCOL, "another protocol"
+        elif self._require_tls:
+            error, why = protocol.ERROR_TLS_REQUIRED, "plain text, and TLS is required"
+        else:
+            return True
+        self._close_with_error(conn, error, protocol.REASON_CLOSED, why)
+        return False
+
+    def _tls_failed(self, conn: Connection, exc: tls.TlsError) -> None:
+        """A broken handshake, garbage, a renegotiation: one log line, the alert if TLS has
+        one, and that connection closes."""
+        log.info("closing %s: TLS failed: %s", conn.peer_id, exc)
+        alert = conn.codec.take_output()
+        if alert and not conn.outbox:
+            conn.send_now(alert)
+        self._drop(conn, protocol.REASON_LOST)
 
     def _handle_pending_input(self) -> None:
         waiting, self._pending_input = self._pending_input, {}
@@ -345,7 +408,7 @@ class ChatServer:
         now, wall_time = self._clock(), self._wall_clock()
         flood = conn.flood  # None when flood control is off
         for _ in range(LINES_PER_TURN):
-            if conn.done:
+            if conn.done or conn.password_refused_at is not None:
                 return
             if self._fanout.pending_bytes and self._turn_would_pass_output_total():
                 break  # the flush delivers this turn's lines first
@@ -368,10 +431,50 @@ class ChatServer:
             if flood is not None:
                 flood.take()
             if line is not None:
-                command = protocol.parse_client_line(line)
-                self._act_on(self._room.handle(conn.peer_id, command, wall_time))
+                parsed = protocol.parse_client_line(line)
+                if conn.authenticated and not isinstance(parsed, protocol.Pass):
+                    command: protocol.Command | None = parsed
+                else:
+                    command = self._check_password(conn, parsed, now)
+                if command is not None:
+                    self._act_on(self._room.handle(conn.peer_id, command, wall_time))
         self._set_interest(conn, reading=False)
         self._pending_input[conn] = None
+
+    def _check_password(
+        self, conn: Connection, command: protocol.ClientLine, now: float
+    ) -> protocol.Command | None:
+        """The connection's gate to the room (IRC's PASS): until it has sent the room's
+        password, only !Quit and /help pass. A !Pass is never passed on, right or wrong."""
+        if not isinstance(command, protocol.Pass):
+            if isinstance(command, (protocol.Quit, protocol.Help, protocol.Blank)):
+                return command
+            self._tell(conn, protocol.error_line(protocol.ERROR_PASSWORD_REQUIRED))
+            return None
+        if conn.authenticated or self._password is None:
+            return None  # nothing to prove: ignored, and never relayed
+        failures = self._password_failures
+        if failures.is_refused(conn.address, now):
+            why = "too many wrong passwords from its address"
+            error = protocol.ERROR_TOO_MANY_WRONG_PASSWORDS
+            self._close_with_error(conn, error, protocol.REASON_CLOSED, why)
+        elif hmac.compare_digest(command.password.encode(), self._password.encode()):
+            conn.authenticated = True
+        else:
+            delay = failures.record_failure(conn.address, now)
+            if delay:
+                conn.password_refused_at = now + delay  # slowed: nothing read until then
+                self._set_interest(conn, reading=False)
+                self._arm(conn, conn.password_refused_at)
+            else:
+                self._refuse_password(conn)
+        return None
+
+    def _refuse_password(self, conn: Connection) -> None:
+        conn.password_refused_at = None
+        self._close_with_error(
+            conn, protocol.ERROR_WRONG_PASSWORD, protocol.REASON_CLOSED, "wrong password"
+        )
 
     def _turn_would_pass_output_total(self) -> bool:
         """This turn's lines, were every member to queue them, would pass the total of all
@@ -467,8 +570,10 @@ class ChatServer:
         not take: most members of a busy room skip the queue entirely."""
         if conn.closed or conn.leaving:
             return
-        data = conn.codec.encode(share)
-        if not conn.outbox:
+        self._send_bytes(conn, conn.codec.encode(share))
+
+    def _send_bytes(self, conn: Connection, data: bytes) -> None:
+        if data and not conn.outbox:
             data = conn.send_now(data)
         if data:
             self._queue(conn, data)
@@ -551,7 +656,7 @@ class ChatServer:
     def _drop_slow(self, conn: Connection, why: str) -> None:
         """Frees a slow reader's queue at once; it may still read the rest of a line it had
         half received, then the error line."""
-        self._discard_output(conn, keep=conn.outbox.find(b"\n") + 1)
+        self._discard_output(conn, keep=conn.codec.kept_when_discarding(conn.outbox))
         self._close_with_error(conn, protocol.ERROR_SENDQ_EXCEEDED, protocol.REASON_TOO_SLOW, why)
 
     def _discard_output(self, conn: Connection, keep: int) -> None:
@@ -567,6 +672,7 @@ class ChatServer:
 
     def _linger(self, conn: Connection) -> None:
         """Everything is sent: shut down our side and wait for the peer's EOF."""
+        conn.send_now(conn.codec.closing_bytes())  # best effort: the TCP end is what counts
         try:
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -679,7 +785,8 @@ class ChatServer:
 
     def _hint(self, conn: Connection) -> None:
         conn.hint_at = None
-        self._tell(conn, protocol.HINT_LINE)
+        hint = protocol.HINT_LINE if conn.authenticated else protocol.PASSWORD_HINT_LINE
+        self._tell(conn, hint)
 
     def _join_late(self, conn: Connection) -> None:
         why = f"no {protocol.JOIN} within {self._limits.join_timeout:g} s"
@@ -706,6 +813,7 @@ class ChatServer:
         Deadline.HINT: _hint,
         Deadline.RESUME_INPUT: _resume_input,
         Deadline.JOIN: _join_late,
+        Deadline.WRONG_PASSWORD: _refuse_password,
         Deadline.LINE: _line_unfinished,
         Deadline.SOFT_LIMIT: _soft_too_long,
         Deadline.WRITE_STALL: _write_stalled,
@@ -845,6 +953,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="N",
         help="past chat lines shown to a newcomer, 0 for none (default: %(default)s)",
     )
+    private = parser.add_argument_group("a private room (see README.md)")
+    private.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="PEM certificate (chain): a connection that opens with a TLS handshake is "
+        "served over TLS, on the same port as plain ones",
+    )
+    private.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key")
+    private.add_argument(
+        "--require-tls",
+        action="store_true",
+        help="refuse plain connections: one ERROR line, then close",
+    )
+    private.add_argument(
+        "--password-file",
+        type=cli.password_file,
+        metavar="FILE",
+        dest="password",
+        help="the room's password, on the file's first line; clients send !Pass before !Join",
+    )
     limits = parser.add_argument_group("limits (see README.md for the reasons)")
     for flag, kind, metavar, text in LIMIT_FLAGS:
         default = getattr(DEFAULT_LIMITS, flag[2:].replace("-", "_"))
@@ -873,7 +1001,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="log a status line (members, joins and leaves since the last one, bytes queued) "
         "this often, and on SIGUSR1; 0: only on SIGUSR1 (default: %(default)g)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.require_tls and args.tls_cert is None:
+        parser.error("--require-tls needs --tls-cert and --tls-key")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -884,13 +1017,39 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     limits = Limits(**{field.name: getattr(args, field.name) for field in fields(Limits)})
+    tls_context = None
+    if args.tls_cert is not None:
+        try:
+            tls_context = tls.server_context(args.tls_cert, args.tls_key)
+            fingerprint = tls.certificate_fingerprint(args.tls_cert)
+        except (OSError, ValueError) as exc:
+            what = f"cannot use --tls-cert {args.tls_cert} and --tls-key {args.tls_key}"
+            if isinstance(exc, ssl.SSLError):
+                why = tls.describe_failure(exc)
+            else:
+                why = cli.describe(exc) if isinstance(exc, OSError) else str(exc)
+            return cli.fail(PROG, f"{what}: {why}")
     try:
         listener = open_listener(args.host, args.port)
     except OSError as exc:
         where = protocol.format_member_id(args.host, args.port)
         return cli.fail(PROG, f"cannot listen on {where}: {cli.describe(exc)}")
     open_files = raise_open_files_limit(limits.max_members + limits.max_unjoined + FD_RESERVE)
-    server = ChatServer(listener, limits, history_lines=args.history)
+    server = ChatServer(
+        listener,
+        limits,
+        history_lines=args.history,
+        tls_context=tls_context,
+        require_tls=args.require_tls,
+        password=args.password,
+    )
+    if tls_context is not None:
+        plain = "refused" if args.require_tls else "served too"
+        log.info("TLS on; plain connections %s. Certificate SHA-256 %s", plain, fingerprint)
+    if args.password is not None and not args.require_tls:
+        log.warning(
+            "a room password without --require-tls: a plain connection sends it in clear text"
+        )
     if server.max_members < limits.max_members:
         log.warning(
             "at most %d members, not %d: %d open files allowed (ulimit -n; hard limit %s), "

@@ -21,15 +21,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import select
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from types import FrameType
 
-from chatroom import cli, protocol
+from chatroom import cli, protocol, tls
 from chatroom.terminal import (
     InteractiveTerminal,
     Painter,
@@ -140,6 +142,11 @@ class Session:
             return False
         try:
             quit_line = protocol.encode_client_line(protocol.QUIT)
+            if isinstance(self._sock, ssl.SSLSocket):  # it takes no flags: look first
+                if not select.select([], [self._sock], [], 0)[1]:
+                    return False
+                self._sock.sendall(quit_line)  # one small record: the buffer has room for it
+                return True
             return self._sock.send(quit_line, socket.MSG_DONTWAIT) == len(quit_line)
         except OSError:  # the send buffer is full, or the connection is gone
             return False
@@ -266,6 +273,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="start every line shown with the local time (HH:MM)",
     )
+    private = parser.add_argument_group("a private room")
+    private.add_argument(
+        "--tls", action="store_true", help="connect with TLS, verified against the system's CAs"
+    )
+    private.add_argument(
+        "--tls-ca", metavar="FILE", help="connect with TLS, verified against this CA (PEM)"
+    )
+    private.add_argument(
+        "--tls-fingerprint",
+        type=_fingerprint,
+        metavar="SHA256",
+        help="connect with TLS to the server whose certificate has this SHA-256 fingerprint "
+        "(as the server logs it; colons and case optional), whoever signed it",
+    )
+    private.add_argument(
+        "--password-file",
+        type=cli.password_file,
+        metavar="FILE",
+        dest="password",
+        help="the room's password, on the file's first line",
+    )
     return parser.parse_args(argv)
 
 
@@ -276,6 +304,13 @@ def member_name(text: str) -> str:
             f"{text!r} is not a name: 1 to 16 ASCII letters, digits, _ or -, a letter first"
         )
     return text
+
+
+def _fingerprint(text: str) -> str:
+    try:
+        return tls.parse_fingerprint(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,7 +324,14 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
     try:
         return connect_and_chat(
-            args.host, args.port, leave_signal, Options(args.name, args.timestamps)
+            args.host,
+            args.port,
+            leave_signal,
+            Options(args.name, args.timestamps),
+            use_tls=args.tls or args.tls_ca is not None or args.tls_fingerprint is not None,
+            ca_file=args.tls_ca,
+            fingerprint=args.tls_fingerprint,
+            password=args.password,
         )
     except KeyboardInterrupt:
         return 130  # stopped before the session began: there is nothing to leave
@@ -301,13 +343,40 @@ def main(argv: list[str] | None = None) -> int:
         leave_signal.block()
 
 
-def connect_and_chat(host: str, port: int, leave_signal: LeaveSignal, options: Options) -> int:
+def connect_and_chat(
+    host: str,
+    port: int,
+    leave_signal: LeaveSignal,
+    options: Options,
+    use_tls: bool = False,
+    ca_file: str | None = None,
+    fingerprint: str | None = None,
+    password: str | None = None,
+) -> int:
+    where = protocol.format_member_id(host, port)
     try:
         sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SECONDS)
     except OSError as exc:
-        where = protocol.format_member_id(host, port)
         return cli.fail(PROG, f"cannot connect to {where}: {cli.describe(exc)}")
+    if use_tls:  # the handshake and the certificate's check, within the connect timeout
+        try:
+            sock = tls.connect(sock, host, ca_file, fingerprint)
+        except tls.FingerprintMismatch as exc:
+            sock.close()
+            return cli.fail(PROG, f"refusing {where}: its certificate is not the pinned one: {exc}")
+        except ssl.SSLError as exc:
+            sock.close()
+            return cli.fail(PROG, f"TLS with {where} failed: {tls.describe_failure(exc)}")
+        except OSError as exc:
+            sock.close()
+            return cli.fail(PROG, f"TLS with {where} failed: {cli.describe(exc)}")
     sock.settimeout(None)
+    if password is not None:  # before run_session's !Join, as IRC's PASS comes before NICK
+        try:
+            sock.sendall(protocol.encode_client_line(protocol.pass_line(password)))
+        except OSError as exc:
+            sock.close()
+            return cli.fail(PROG, f"connection lost: {cli.describe(exc)}")
     painter = Painter() if wants_colour(os.environ, sys.stdout) else None
     if sys.stdin.isatty() and sys.stdout.isatty():
         with terminal_settings_restored():

@@ -91,6 +91,7 @@ class Connection:
     __slots__ = (
         "_limits",
         "address",
+        "authenticated",
         "check_at",
         "closed",
         "codec",
@@ -105,6 +106,7 @@ class Connection:
         "outbox",
         "over_soft_limit_since",
         "partial_line_since",
+        "password_refused_at",
         "peer_id",
         "reading",
         "sock",

@@ -1,6 +1,7 @@
 import java.io.BufferedReader;
 import java.io.ByteArrayOutputStream;
 import java.io.Console;
+import java.io.FileInputStream;
 import java.io.IOException;
 import java.io.InputStream;
 import java.io.InputStreamReader;
@@ -15,13 +16,30 @@ import java.nio.charset.CharsetDecoder;
 import java.nio.charset.CharacterCodingException;
 import java.nio.charset.CodingErrorAction;
 import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Paths;
+import java.security.GeneralSecurityException;
+import java.security.KeyStore;
+import java.security.MessageDigest;
+import java.security.cert.Certificate;
+import java.security.cert.CertificateException;
+import java.security.cert.CertificateFactory;
+import java.security.cert.X509Certificate;
 import java.time.LocalTime;
 import java.time.format.DateTimeFormatter;
 import java.util.ArrayList;
 import java.util.List;
+import java.util.Locale;
 import java.util.concurrent.CountDownLatch;
 import java.util.concurrent.TimeUnit;
 import java.util.regex.Pattern;
+import javax.net.ssl.SSLContext;
+import javax.net.ssl.SSLException;
+import javax.net.ssl.SSLParameters;
+import javax.net.ssl.SSLSocket;
+import javax.net.ssl.TrustManager;
+import javax.net.ssl.TrustManagerFactory;
+import javax.net.ssl.X509TrustManager;
 
 /**
  * The chat room client in Java: the same flags, lines, exit statuses and threads as
@@ -103,12 +121,15 @@ public final class ChatRoomClient {
         int port = DEFAULT_PORT;
         String name = null;
         boolean timestamps = false;
+        Tls tls = null; // plain text unless a --tls flag is given
+        String password = null;
         for (int i = 0; i < args.length; i++) {
             String arg = args[i];
             if (arg.equals("--help") || arg.equals("-h")) {
                 System.out.println("usage: " + PROG
                         + " [-h] [--version] [--host HOST] [--port PORT] [--name NAME]"
-                        + " [--timestamps]");
+                        + " [--timestamps] [--tls] [--tls-ca FILE] [--tls-fingerprint SHA256]"
+                        + " [--password-file FILE]");
                 System.out.println();
                 System.out.println("Join a chat room. Type to talk; !Quit to leave.");
                 System.out.println();
@@ -119,12 +140,18 @@ public final class ChatRoomClient {
                 System.out.println("  --timestamps  start every line shown with the local time"
                         + " (HH:MM)");
                 System.out.println("  --version     show the version and exit");
+                System.out.println("  --tls         connect with TLS, verified against the system's CAs");
+                System.out.println("  --tls-ca FILE  connect with TLS, verified against this CA (PEM)");
+                System.out.println("  --tls-fingerprint SHA256  connect with TLS to the server whose"
+                        + " certificate has this SHA-256 fingerprint, whoever signed it");
+                System.out.println("  --password-file FILE  the room's password, on the file's first line");
                 return;
             } else if (arg.equals("--version")) {
                 System.out.println(PROG + " " + VERSION + " (Java)");
                 return;
-            } else if ((arg.equals("--host") || arg.equals("--port") || arg.equals("--name"))
-                    && i + 1 == args.length) {
+            } else if (arg.equals("--tls")) {
+                tls = tls == null ? new Tls(null, null) : tls;
+            } else if (TAKES_VALUE.contains(arg) && i + 1 == args.length) {
                 usageError("argument " + arg + ": expected one argument");
             } else if (arg.equals("--host")) {
                 host = args[++i];
@@ -134,11 +161,17 @@ public final class ChatRoomClient {
                 name = parseName(args[++i]);
             } else if (arg.equals("--timestamps")) {
                 timestamps = true;
+            } else if (arg.equals("--tls-ca")) {
+                tls = new Tls(args[++i], tls == null ? null : tls.fingerprint);
+            } else if (arg.equals("--tls-fingerprint")) {
+                tls = new Tls(tls == null ? null : tls.caFile, parseFingerprint(args[++i]));
+            } else if (arg.equals("--password-file")) {
+                password = readPassword(args[++i]);
             } else {
                 usageError("unrecognized arguments: " + arg);
             }
         }
-        System.exit(connectAndChat(host, port, name, timestamps));
+        System.exit(connectAndChat(host, port, name, timestamps, tls, password));
     }
 
     static String parseName(String text) {
@@ -147,6 +180,56 @@ public final class ChatRoomClient {
                     + " digits, _ or -, a letter first");
         }
         return text;
+    }
+    static final List<String> TAKES_VALUE =
+            List.of("--host", "--port", "--name", "--tls-ca", "--tls-fingerprint", "--password-file");
+
+    /** How to check the server over TLS: a CA file (else the system's), or a pinned leaf. */
+    static final class Tls {
+        final String caFile; // PEM; null: the JDK's trusted CAs
+        final byte[] fingerprint; // the leaf's SHA-256; null: no pin, the CA decides
+
+        Tls(String caFile, byte[] fingerprint) {
+            this.caFile = caFile;
+            this.fingerprint = fingerprint;
+        }
+    }
+
+    /** A SHA-256 fingerprint as typed (colons, spaces and case optional), as 32 bytes. */
+    static byte[] parseFingerprint(String text) {
+        String digits = text.strip().replace(":", "").replace(" ", "");
+        if (!digits.matches("[0-9A-Fa-f]{64}")) {
+            usageError("argument --tls-fingerprint: '" + text
+                    + "' is not a SHA-256 fingerprint (64 hexadecimal digits)");
+        }
+        byte[] bytes = new byte[32];
+        for (int i = 0; i < 32; i++) {
+            bytes[i] = (byte) Integer.parseInt(digits.substring(2 * i, 2 * i + 2), 16);
+        }
+        return bytes;
+    }
+
+    static String formatFingerprint(byte[] digest) {
+        StringBuilder text = new StringBuilder();
+        for (byte b : digest) {
+            text.append(text.length() > 0 ? ":" : "").append(String.format("%02X", b & 0xff));
+        }
+        return text.toString();
+    }
+
+    /** The password on a file's first line, without the spaces around it. */
+    static String readPassword(String path) {
+        String password = "";
+        try {
+            List<String> lines = Files.readAllLines(Paths.get(path), StandardCharsets.UTF_8);
+            password = lines.isEmpty() ? "" : lines.get(0).strip();
+        } catch (IOException e) {
+            usageError("argument --password-file: cannot read " + path + ": " + describe(e));
+        }
+        if (password.isEmpty()) {
+            usageError("argument --password-file: " + path + " holds no password on its first line");
+        }
+        return password;
     }
 
     static int parsePort(String text) {
@@ -172,12 +255,25 @@ public final class ChatRoomClient {
         return 1;
     }
 
-    static int connectAndChat(String host, int port, String name, boolean timestamps) {
+    static int connectAndChat(
+            String host, int port, String name, boolean timestamps, Tls tls, String password) {
         String where = (host.contains(":") ? "[" + host + "]" : host) + ":" + port;
         Socket socket = new Socket();
         try {
             socket.connect(new InetSocketAddress(host, port), CONNECT_TIMEOUT_MS);
             socket.setTcpNoDelay(true);
+            if (tls != null) {
+                try {
+                    socket = startTls(socket, host, port, tls);
+                } catch (IOException | GeneralSecurityException e) {
+                    closeQuietly(socket);
+                    return fail("TLS with " + where + " failed: " + describeTls(e));
+                }
+            }
+            if (password != null) { // before run()'s !Join, as IRC's PASS comes before NICK
+                socket.getOutputStream().write(
+                        ("!Pass " + password + "\n").getBytes(StandardCharsets.UTF_8));
+            }
             return new ChatRoomClient(socket, name, timestamps).run();
         } catch (UnknownHostException e) {
             return fail("cannot connect to " + where + ": unknown host");
@@ -185,6 +281,112 @@ public final class ChatRoomClient {
             return fail("cannot connect to " + where + ": timed out");
         } catch (IOException e) {
             return fail("cannot connect to " + where + ": " + describe(e));
+        }
+    }
+
+    /**
+     * TLS over the connected socket: the handshake, within the connect timeout, with the
+     * certificate checked by a CA (and the host name) or by its pinned fingerprint. Nothing is
+     * sent over it before both pass.
+     */
+    static SSLSocket startTls(Socket plain, String host, int port, Tls tls)
+            throws IOException, GeneralSecurityException {
+        SSLContext context = SSLContext.getInstance("TLS");
+        if (tls.fingerprint != null) {
+            context.init(null, new TrustManager[] {new PinnedTrustManager(tls.fingerprint)}, null);
+        } else if (tls.caFile != null) {
+            KeyStore trusted = KeyStore.getInstance(KeyStore.getDefaultType());
+            trusted.load(null, null);
+            try (FileInputStream pem = new FileInputStream(tls.caFile)) {
+                int n = 0;
+                for (Certificate ca : CertificateFactory.getInstance("X.509").generateCertificates(pem)) {
+                    trusted.setCertificateEntry("ca" + n++, ca);
+                }
+            }
+            TrustManagerFactory factory =
+                    TrustManagerFactory.getInstance(TrustManagerFactory.getDefaultAlgorithm());
+            factory.init(trusted);
+            context.init(null, factory.getTrustManagers(), null);
+        } else {
+            context = SSLContext.getDefault();
+        }
+        SSLSocket socket = (SSLSocket) context.getSocketFactory().createSocket(plain, host, port, true);
+        SSLParameters parameters = socket.getSSLParameters();
+        parameters.setProtocols(new String[] {"TLSv1.3", "TLSv1.2"});
+        if (tls.fingerprint == null) {
+            parameters.setEndpointIdentificationAlgorithm("HTTPS"); // the name must match too
+        }
+        socket.setSSLParameters(parameters);
+        socket.setSoTimeout(CONNECT_TIMEOUT_MS);
+        socket.startHandshake();
+        socket.setSoTimeout(0);
+        return socket;
+    }
+
+    /** Trusts exactly the server whose leaf certificate has this SHA-256, whoever signed it. */
+    static final class PinnedTrustManager implements X509TrustManager {
+        private final byte[] expected;
+
+        PinnedTrustManager(byte[] expected) {
+            this.expected = expected.clone();
+        }
+
+        @Override
+        public void checkServerTrusted(X509Certificate[] chain, String authType)
+                throws CertificateException {
+            byte[] actual;
+            try {
+                actual = MessageDigest.getInstance("SHA-256").digest(chain[0].getEncoded());
+            } catch (GeneralSecurityException e) {
+                throw new CertificateException("cannot compute its SHA-256", e);
+            }
+            if (!MessageDigest.isEqual(actual, expected)) {
+                throw new CertificateException("its certificate is not the pinned one: expected "
+                        + formatFingerprint(expected) + ", the server's is " + formatFingerprint(actual));
+            }
+        }
+
+        @Override
+        public void checkClientTrusted(X509Certificate[] chain, String authType)
+                throws CertificateException {
+            throw new CertificateException("a client never checks a client");
+        }
+
+        @Override
+        public X509Certificate[] getAcceptedIssuers() {
+            return new X509Certificate[0];
+        }
+    }
+
+    /** Why TLS failed, in a few words: the certificate check's own, when that is what failed. */
+    static String describeTls(Exception e) {
+        for (Throwable cause = e; cause != null; cause = cause.getCause()) {
+            if (cause instanceof CertificateException) {
+                String message = cause.getMessage();
+                if (message != null && message.startsWith("its certificate")) {
+                    return message;
+                }
+                if (message != null && message.toLowerCase(Locale.ROOT).contains("path")) {
+                    return "certificate not trusted: no trusted CA signed it";
+                }
+                return "certificate not trusted: " + message;
+            }
+        }
+        if (e instanceof SocketTimeoutException) {
+            return "timed out";
+        }
+        if (e instanceof IOException && !(e instanceof SSLException)) {
+            return describe((IOException) e);
+        }
+        String message = e.getMessage();
+        return message == null ? e.getClass().getSimpleName() : message;
+    }
+
+    static void closeQuietly(Socket socket) {
+        try {
+            socket.close();
+        } catch (IOException e) {
+            // it is being given up anyway
         }
     }
 

@@ -6,6 +6,7 @@ import os
 import re
 import resource
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -223,7 +224,12 @@ class Member:
     """A member speaking the wire protocol over a raw socket, as nc would."""
 
     def __init__(
-        self, port: int, host: str = "127.0.0.1", receive_buffer: int = 0, source: str = ""
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        receive_buffer: int = 0,
+        source: str = "",
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
@@ -235,6 +241,8 @@ class Member:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.settimeout(WAIT_SECONDS)
         self.sock.connect((host, port))
+        if tls is not None:  # a TLS member: the handshake, then the same lines
+            self.sock = tls.wrap_socket(self.sock, server_hostname=host)
         address, member_port = self.sock.getsockname()[:2]
         shown = f"[{address}]" if ":" in address else address
         self.member_id = f"{shown}:{member_port}"
@@ -323,17 +331,24 @@ class Room:
         return self._track(Program(command))
 
     def member(
-        self, port: int, host: str = "127.0.0.1", receive_buffer: int = 0, source: str = ""
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        receive_buffer: int = 0,
+        source: str = "",
+        tls: ssl.SSLContext | None = None,
     ) -> Member:
-        member = Member(port, host, receive_buffer, source)
+        member = Member(port, host, receive_buffer, source, tls)
         self._members.append(member)
         return member
 
-    def joined_members(self, port: int, count: int) -> list[Member]:
+    def joined_members(
+        self, port: int, count: int, tls: ssl.SSLContext | None = None
+    ) -> list[Member]:
         """count members, joined in order, each having seen every later one join."""
         members: list[Member] = []
         for _ in range(count):
-            newcomer = self.member(port)
+            newcomer = self.member(port, tls=tls)
             newcomer.join()
             for member in members:
                 member.expect(f"* {newcomer.member_id} joined")

@@ -4,10 +4,14 @@ server and Redis pub/sub, all driven by one C load generator (bench/loadgen.c, c
     python bench/run.py            everything (about 15 minutes)
     python bench/run.py --quick    each scenario once, for a second or two (CI runs this)
     python bench/run.py --scenarios fan-out chatty     only those, for a quick before/after
+    python bench/run.py --scenarios fan-out tls        fan-out with plain and with TLS members
 
 The server runs on CPU 0 and the load generator on CPU 1 (taskset), so runs compare. Redis
 comes from Debian's packages (apt-get install redis-server) and is skipped, with a message,
-where redis-server is missing. Prints a Markdown report and writes it, with one picture per
+where redis-server is missing. The tls scenario is fan-out with every member on TLS: stunnel4
+(client mode, on the load generator's CPU, as the members' side of TLS) sits between the load
+generator and our server, which runs with --require-tls; it is skipped where stunnel4 or
+openssl is missing. Prints a Markdown report and writes it, with one picture per
 scenario (matplotlib), to bench/results/ (bench/results/quick/ for --quick); BENCHMARKS.md
 holds one full run.
 """
@@ -36,7 +40,7 @@ SERVER_CPU, LOADGEN_CPU = "0", "1"
 OPEN_FILES = 20000  # 10,000 members on each side, with room to spare
 PASS_DELIVERED = 0.999  # a rate passes when this share of deliveries arrives ...
 PASS_P99_MS = 100.0  # ... with this p99 latency, in order, none echoed
-SCENARIOS = ["fan-out", "chatty", "scale", "overload"]
+SCENARIOS = ["fan-out", "chatty", "scale", "overload", "tls"]
 SCALE_SENDERS, SCALE_RATE = 1, 10.0  # the scale scenario: one member sends 10 messages/s
 # Servers whose join time is also measured at smaller rooms, for the scale picture: ours and
 # the C server beside it (the Python peers do not join 10,000 at all).
@@ -103,6 +107,7 @@ class Sweep:
 class Plan:
     fan_out: Sweep
     chatty: Sweep
+    tls: Sweep  # fan-out with TLS members: every share is encrypted for each member
     scale_members: int  # the scale scenario's room, in the table
     scale_seconds: float
     scale_sizes: list[int]  # smaller rooms, joined only for the picture of join time
@@ -112,6 +117,7 @@ class Plan:
 QUICK = Plan(
     fan_out=Sweep("fan-out", 1000, 10, [500.0], 1),
     chatty=Sweep("chatty", 50, 50, [2000.0], 1),
+    tls=Sweep("fan-out", 200, 10, [50.0], 1),
     scale_members=2000,
     scale_seconds=1.0,
     scale_sizes=[500],
@@ -126,6 +132,7 @@ FULL = Plan(
         5,
     ),
     chatty=Sweep("chatty", 50, 50, [1000, 2000, 4000, 8000, 16000, 32000, 64000, 96000, 128000], 5),
+    tls=Sweep("fan-out", 200, 10, [25, 50, 100, 150, 200, 300, 400, 600, 800], 5),
     scale_members=10_000,
     scale_seconds=10.0,
     scale_sizes=[1000, 2500, 5000],
@@ -142,6 +149,50 @@ class Results:
     scale: dict[str, Result] = field(default_factory=dict)  # the full-size room
     scale_sizes: dict[str, list[Result]] = field(default_factory=dict)  # smaller rooms, and it
     overload: dict[str, Result] = field(default_factory=dict)
+    tls: dict[str, list[Result]] = field(default_factory=dict)  # fan-out with TLS members
+
+
+@dataclass(frozen=True)
+class TlsFront:
+    """TLS for the members: a certificate for the server, and stunnel in front of the load
+    generator, which itself speaks plain text."""
+
+    folder: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def make(cls, folder: Path) -> TlsFront:
+        cert, key = folder / "cert.pem", folder / "key.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:prime256v1", "-days", "2", "-nodes", "-keyout", str(key),
+             "-out", str(cert), "-subj", "/CN=127.0.0.1", "-addext",
+             "subjectAltName=IP:127.0.0.1"],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+        return cls(folder, cert, key)
+
+    def server_args(self) -> list[str]:
+        # A TLS join takes a handshake's round trips and at most 8 handshake steps a turn,
+        # so a join storm of 1,000 waits longer than --max-unjoined's 256 allow: the room
+        # is opened to all of them, as a server expecting such a storm would be.
+        tls = ["--tls-cert", str(self.cert), "--tls-key", str(self.key), "--require-tls"]
+        return [*tls, "--max-unjoined", "2000"]
+
+    def stunnel(self, accept: int, connect: int) -> list[str]:
+        """stunnel as the members' TLS client: the load generator connects to accept in
+        plain text, stunnel to the server's port with TLS. Nagle off on both sides, as the
+        load generator sets it."""
+        config = self.folder / f"stunnel-{accept}.conf"
+        config.write_text(
+            "foreground = yes\npid =\ndebug = 3\n"
+            "socket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n"
+            f"[chat]\nclient = yes\naccept = 127.0.0.1:{accept}\n"
+            f"connect = 127.0.0.1:{connect}\n"
+        )
+        return ["stunnel4", str(config)]
 
 
 def limit_open_files() -> None:
@@ -189,25 +240,39 @@ def listen_overflows() -> int | None:
 class Running:
     """One server process for one measurement."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, tls: TlsFront | None = None) -> None:
         self.server = server
-        self.port = free_port()
+        self.port = free_port()  # where the load generator connects
+        server_port = free_port() if tls else self.port
+        extra = tls.server_args() if tls else []
         self.proc = subprocess.Popen(
-            pinned(SERVER_CPU, server.command(self.port)),
+            pinned(SERVER_CPU, server.command(server_port) + extra),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             preexec_fn=limit_open_files,
         )
+        self.front: subprocess.Popen[bytes] | None = None  # stunnel, for TLS members
+        self._wait_listening(server_port, self.proc)
+        if tls is not None:
+            self.front = subprocess.Popen(
+                pinned(LOADGEN_CPU, tls.stunnel(self.port, server_port)),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=limit_open_files,
+            )
+            self._wait_listening(self.port, self.front)
+        self.idle_mib = proc_status(self.proc.pid, "VmRSS")
+
+    def _wait_listening(self, port: int, proc: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + 10
         while True:  # a bounded retry: a server's readiness has no event to wait on here
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
             except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"{server.name} did not start") from None
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"{self.server.name} did not start") from None
                 time.sleep(0.05)
-        self.idle_mib = proc_status(self.proc.pid, "VmRSS")
 
     def load(
         self, loadgen: Path, members: int, senders: int, rate: float, seconds: float
@@ -253,25 +318,29 @@ class Running:
         return result
 
     def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
+        for proc in (self.front, self.proc):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
 
 
-def measure(server: Server, loadgen: Path, *load: Any) -> Result:
-    running = Running(server)
+def measure(server: Server, loadgen: Path, *load: Any, tls: TlsFront | None = None) -> Result:
+    running = Running(server, tls)
     try:
         return running.load(loadgen, *load)
     finally:
         running.stop()
 
 
-def sweep(server: Server, loadgen: Path, plan: Sweep) -> tuple[Result | None, list[Result]]:
+def sweep(
+    server: Server, loadgen: Path, plan: Sweep, tls: TlsFront | None = None
+) -> tuple[Result | None, list[Result]]:
     """Tries each rate until one fails; gives the highest that passed and every point."""
     best, points = None, []
     for rate in plan.rates:
-        point = measure(server, loadgen, plan.members, plan.senders, rate, plan.seconds)
+        point = measure(server, loadgen, plan.members, plan.senders, rate, plan.seconds, tls=tls)
         points.append(point)
-        log(server.name, plan.name, point)
+        log(server.name, plan.name + (" tls" if tls else ""), point)
         if not point["passed"]:
             break
         best = point
@@ -313,7 +382,7 @@ def scale(server: Server, loadgen: Path, plan: Plan) -> tuple[Result, list[Resul
 
 
 def log(server: str, scenario: str, point: Result) -> None:
-    keys = ("rate", "passed", "delivered", "expected", "p99_ms", "join_seconds", "listen_overflows")
+    keys = ("rate", "passed", "delivered", "expected", "p99_ms", "join_seconds", "server_cpu_pct")
     shown = {key: point[key] for key in keys if key in point}
     print(f"  {server:9} {scenario:9} {shown}", file=sys.stderr, flush=True)
 
@@ -465,6 +534,12 @@ def report(command: str, plan: Plan, results: Results) -> str:
         lines += scale_table(plan.scale_members, results.scale, results.scale_sizes)
     if results.overload:
         lines += overload_table(results.overload)
+    if results.tls:
+        title = (
+            f"Fan-out with TLS members: {plan.tls.members:,} members, "
+            f"{plan.tls.senders} sending, through stunnel on the load generator's CPU"
+        )
+        lines += sweep_table(title, results.tls)
     return "\n".join(lines)
 
 
@@ -504,6 +579,11 @@ def draw_pictures(out: Path, plan: Plan, results: Results, quick: bool) -> None:
         }
         title = f"Scale: rooms up to {plan.scale_members:,} members joining at once"
         pictures.scale(out / "scale.png", title, joined, memory, dpi)
+    if results.tls:
+        title = f"Fan-out, plain and TLS members: {plan.fan_out.members:,} members"
+        pictures.latency_against_rate(
+            out / "tls.png", title, p99_against_rate(results.tls), PASS_P99_MS, dpi
+        )
     if results.overload:
         pictures.overload(
             out / "overload.png",
@@ -540,6 +620,13 @@ def main() -> int:
     plan = QUICK if args.quick else FULL
     out: Path = args.out or (BENCH / "results" / "quick" if args.quick else BENCH / "results")
     results = Results()
+    if "tls" in chosen and not all(shutil.which(tool) for tool in ("stunnel4", "openssl")):
+        print(
+            "stunnel4 or openssl not found: the tls scenario is skipped "
+            "(install them with: apt-get install stunnel4 openssl)",
+            file=sys.stderr,
+        )
+        chosen.discard("tls")
     with tempfile.TemporaryDirectory() as folder:
         loadgen = compile_loadgen(Path(folder))
         for server in servers:
@@ -558,6 +645,12 @@ def main() -> int:
                 results.overload[server.name] = overload(
                     server, loadgen, rate, plan.overload_seconds
                 )
+            if "tls" in chosen and server.name == "chatroom":
+                # Beside the plain members' sweep, when it ran, for the comparison.
+                if server.name in results.fan_out:
+                    results.tls[server.name] = results.fan_out[server.name]
+                tls = TlsFront.make(Path(folder))
+                _, results.tls["chatroom, TLS members"] = sweep(server, loadgen, plan.tls, tls)
     command = " ".join(["python bench/run.py", *sys.argv[1:]])
     text = report(command, plan, results)
     print(text)

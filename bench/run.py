@@ -4,7 +4,7 @@ server and Redis pub/sub, all driven by one C load generator (bench/loadgen.c, c
     python bench/run.py            everything (about 15 minutes)
     python bench/run.py --quick    each scenario once, for a second or two (CI runs this)
     python bench/run.py --scenarios fan-out chatty     only those, for a quick before/after
-    python bench/run.py --scenarios fan-out tls        fan-out with plain and with TLS members
+    python bench/run.py --scenarios tls --servers chatroom     fan-out to TLS members
 
 The server runs on CPU 0 and the load generator on CPU 1 (taskset), so runs compare. Redis
 comes from Debian's packages (apt-get install redis-server) and is skipped, with a message,
@@ -382,7 +382,10 @@ def scale(server: Server, loadgen: Path, plan: Plan) -> tuple[Result, list[Resul
 
 
 def log(server: str, scenario: str, point: Result) -> None:
-    keys = ("rate", "passed", "delivered", "expected", "p99_ms", "join_seconds", "server_cpu_pct")
+    keys = (
+        *("rate", "passed", "delivered", "expected", "p99_ms", "join_seconds"),
+        *("listen_overflows", "server_cpu_pct"),
+    )
     shown = {key: point[key] for key in keys if key in point}
     print(f"  {server:9} {scenario:9} {shown}", file=sys.stderr, flush=True)
 
@@ -580,7 +583,7 @@ def draw_pictures(out: Path, plan: Plan, results: Results, quick: bool) -> None:
         title = f"Scale: rooms up to {plan.scale_members:,} members joining at once"
         pictures.scale(out / "scale.png", title, joined, memory, dpi)
     if results.tls:
-        title = f"Fan-out, plain and TLS members: {plan.fan_out.members:,} members"
+        title = f"Fan-out with TLS members: {plan.tls.members:,} members"
         pictures.latency_against_rate(
             out / "tls.png", title, p99_against_rate(results.tls), PASS_P99_MS, dpi
         )
@@ -646,9 +649,6 @@ def main() -> int:
                     server, loadgen, rate, plan.overload_seconds
                 )
             if "tls" in chosen and server.name == "chatroom":
-                # Beside the plain members' sweep, when it ran, for the comparison.
-                if server.name in results.fan_out:
-                    results.tls[server.name] = results.fan_out[server.name]
                 tls = TlsFront.make(Path(folder))
                 _, results.tls["chatroom, TLS members"] = sweep(server, loadgen, plan.tls, tls)
     command = " ".join(["python bench/run.py", *sys.argv[1:]])

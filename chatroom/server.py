@@ -10,7 +10,6 @@ is queued, and crossing one is logged naming the peer.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import heapq
@@ -22,9 +21,7 @@ import selectors
 import signal
 import socket
 import ssl
-import sys
 import time
-from dataclasses import fields
 from types import FrameType
 from typing import Callable, ClassVar
 
@@ -36,8 +33,6 @@ from chatroom.room import HISTORY_LINES, Joined, Left, Output, Room, ToMembers, 
 from chatroom.stats import Stats
 
 log = logging.getLogger("chatroom.server")
-
-PROG = "chatroom-server"
 
 DEFAULT_LIMITS = Limits()
 
@@ -51,18 +46,12 @@ LINES_PER_TURN = 10
 # all were answered in one turn, 20 ms at 16 a turn, 8 ms at 8.
 HANDSHAKES_PER_TURN = 8
 
-# Redis' default backlog: a join storm waits in the kernel instead of being refused.
-LISTEN_BACKLOG = 511
-
 # Accepts per turn, so a connect storm cannot starve members already chatting.
 ACCEPTS_PER_TURN = 64
 
 # Descriptors kept back from connections for the listener, the selector, the wakeup pair, the
 # standard streams and a margin, as Redis keeps 32.
 FD_RESERVE = 32
-
-# When setrlimit refuses the open-files limit wanted, try this many fewer, and again (Redis).
-OPEN_FILES_STEP = 16
 
 # Out of descriptors, accept() fails at once however often it is called: wait this long before
 # trying again instead of spinning (asyncio waits 1 s, nginx 500 ms).
@@ -81,18 +70,6 @@ LINGER_SECONDS = 2.0
 # Stale timer entries tolerated before the heap is cleaned (asyncio keeps up to 100, and cleans
 # when they pass half of the heap).
 STALE_TIMERS_KEPT = 100
-
-# How often the status line is logged unprompted. Redis logs its client count every 5 s, but at
-# its verbose level; once a minute keeps an info log readable (1,440 lines a day) however many
-# members come and go, each of whom is logged only at debug.
-STATUS_SECONDS = 60.0
-
-LOG_LEVELS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-}
 
 # How long shutdown lets goodbyes drain before closing the rest: the process must exit within 2 s.
 SHUTDOWN_GRACE_SECONDS = 1.0
@@ -846,28 +823,6 @@ def connection_cap(max_members: int) -> int:
     return max(1, min(max_members, soft - FD_RESERVE))
 
 
-def raise_open_files_limit(wanted: int) -> int:
-    """Raises this process' soft open-files limit towards wanted, as far as the hard limit
-    allows, stepping down while setrlimit refuses (Redis' adjustOpenFilesLimit); never lowers
-    it. Gives the soft limit in force afterwards."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= wanted:
-        return soft
-    best = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    while best > soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (best, hard))
-        except (ValueError, OSError):  # above the kernel's nr_open, or a container's cap
-            best -= OPEN_FILES_STEP
-        else:
-            return best
-    return soft
-
-
-def describe_limit(value: int) -> str:
-    return "unlimited" if value == resource.RLIM_INFINITY else str(value)
-
-
 def set_socket_options(sock: socket.socket, send_buffer: int) -> None:
     """TCP_NODELAY, since every line is a message of its own; keepalive (Redis); and a fixed
     send buffer, so the kernel holds little beside the queue the limits count."""
@@ -890,184 +845,3 @@ def refuse(sock: socket.socket, line: bytes) -> None:
         # Input left unread would make close() send a reset, which can destroy the line.
         sock.recv(RECV_SIZE)
     sock.close()
-
-
-def open_listener(host: str, port: int) -> socket.socket:
-    """A listening socket; IPv6 when the host is an IPv6 address ("::" also takes IPv4)."""
-    if ":" in host:
-        return socket.create_server(
-            (host, port),
-            family=socket.AF_INET6,
-            backlog=LISTEN_BACKLOG,
-            dualstack_ipv6=host == "::",
-        )
-    return socket.create_server((host, port), backlog=LISTEN_BACKLOG)
-
-
-_BYTES = cli.int_in_range(1, 1 << 40)
-_SECONDS = cli.float_in_range(0.01, 1e9)
-_COUNT = cli.int_in_range(1, 1 << 30)
-
-# Each limit's flag: its type, metavar and help; the flag's name is the Limits field's.
-LIMIT_FLAGS: list[tuple[str, Callable[[str], object], str, str]] = [
-    ("--max-line", cli.int_in_range(64, 1 << 20), "BYTES",
-     "longest line a client may send, counting its newline"),
-    ("--sendq-soft", _BYTES, "BYTES",
-     "a member whose output queue stays over this for --sendq-soft-seconds is dropped"),
-    ("--sendq-soft-seconds", _SECONDS, "SECONDS", "how long a queue may stay over --sendq-soft"),
-    ("--sendq-hard", _BYTES, "BYTES", "a member whose output queue passes this is dropped"),
-    ("--send-buffer", cli.int_in_range(4096, 1 << 26), "BYTES",
-     "the kernel's send buffer for each member (SO_SNDBUF), on top of its output queue"),
-    ("--sendq-total", _BYTES, "BYTES",
-     "all output queues together; past it the largest is dropped first"),
-    ("--write-timeout", _SECONDS, "SECONDS",
-     "a member whose queued output has not moved for this long is dropped"),
-    ("--flood-rate", cli.float_in_range(0, 1e9), "LINES_PER_S",
-     "lines a second each connection may send after its burst; 0 turns flood control off"),
-    ("--flood-burst", _COUNT, "LINES", "lines a connection may send at once"),
-    ("--max-members", _COUNT, "N",
-     "most connections at once; the open-files limit is raised to fit, as far as the hard "
-     "limit allows, and past that the cap is lowered"),
-    ("--max-unjoined", _COUNT, "N",
-     "connections still to join, on top of the members; past it the longest waiting is cut"),
-    ("--max-per-ip", cli.int_in_range(0, 1 << 30), "N",
-     "most connections from one address (all of loopback is one); 0 for no cap"),
-    ("--ipv6-prefix", cli.int_in_range(1, 128), "BITS",
-     "IPv6 addresses are counted against --max-per-ip by network of this prefix length"),
-    ("--join-timeout", _SECONDS, "SECONDS", "a connection must send !Join within this"),
-    ("--line-timeout", _SECONDS, "SECONDS", "a line must end within this of its first byte"),
-]  # fmt: skip
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = cli.make_parser(PROG, "Serve a chat room for terminal clients and nc.")
-    cli.add_address_arguments(
-        parser,
-        "address to listen on; 0.0.0.0 (or ::) for the whole LAN",
-        0,
-        "TCP port; 0 picks a free one",
-    )
-    parser.add_argument(
-        "--history",
-        type=cli.int_in_range(0, 1000),
-        default=HISTORY_LINES,
-        metavar="N",
-        help="past chat lines shown to a newcomer, 0 for none (default: %(default)s)",
-    )
-    private = parser.add_argument_group("a private room (see README.md)")
-    private.add_argument(
-        "--tls-cert",
-        metavar="FILE",
-        help="PEM certificate (chain): a connection that opens with a TLS handshake is "
-        "served over TLS, on the same port as plain ones",
-    )
-    private.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key")
-    private.add_argument(
-        "--require-tls",
-        action="store_true",
-        help="refuse plain connections: one ERROR line, then close",
-    )
-    private.add_argument(
-        "--password-file",
-        type=cli.password_file,
-        metavar="FILE",
-        dest="password",
-        help="the room's password, on the file's first line; clients send !Pass before !Join",
-    )
-    limits = parser.add_argument_group("limits (see README.md for the reasons)")
-    for flag, kind, metavar, text in LIMIT_FLAGS:
-        default = getattr(DEFAULT_LIMITS, flag[2:].replace("-", "_"))
-        limits.add_argument(
-            flag, type=kind, default=default, metavar=metavar, help=f"{text} (default: {default})"
-        )
-    limits.add_argument(
-        "--exempt-loopback",
-        action=argparse.BooleanOptionalAction,
-        default=DEFAULT_LIMITS.exempt_loopback,
-        help="leave connections from this machine out of --max-per-ip (default: exempt)",
-    )
-    logs = parser.add_argument_group("logging (on stderr)")
-    logs.add_argument(
-        "--log-level",
-        choices=list(LOG_LEVELS),
-        default="info",
-        help="debug adds a line for every member who connects, joins, leaves, disconnects "
-        "(default: %(default)s)",
-    )
-    logs.add_argument(
-        "--summary-seconds",
-        type=cli.float_in_range(0, 1e9),
-        default=STATUS_SECONDS,
-        metavar="SECONDS",
-        help="log a status line (members, joins and leaves since the last one, bytes queued) "
-        "this often, and on SIGUSR1; 0: only on SIGUSR1 (default: %(default)g)",
-    )
-    args = parser.parse_args(argv)
-    if (args.tls_cert is None) != (args.tls_key is None):
-        parser.error("--tls-cert and --tls-key go together")
-    if args.require_tls and args.tls_cert is None:
-        parser.error("--require-tls needs --tls-cert and --tls-key")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(
-        level=LOG_LEVELS[args.log_level],
-        format="%(asctime)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    limits = Limits(**{field.name: getattr(args, field.name) for field in fields(Limits)})
-    tls_context = None
-    if args.tls_cert is not None:
-        try:
-            tls_context = tls.server_context(args.tls_cert, args.tls_key)
-            fingerprint = tls.certificate_fingerprint(args.tls_cert)
-        except (OSError, ValueError) as exc:
-            what = f"cannot use --tls-cert {args.tls_cert} and --tls-key {args.tls_key}"
-            if isinstance(exc, ssl.SSLError):
-                why = tls.describe_failure(exc)
-            else:
-                why = cli.describe(exc) if isinstance(exc, OSError) else str(exc)
-            return cli.fail(PROG, f"{what}: {why}")
-    try:
-        listener = open_listener(args.host, args.port)
-    except OSError as exc:
-        where = protocol.format_member_id(args.host, args.port)
-        return cli.fail(PROG, f"cannot listen on {where}: {cli.describe(exc)}")
-    open_files = raise_open_files_limit(limits.max_members + limits.max_unjoined + FD_RESERVE)
-    server = ChatServer(
-        listener,
-        limits,
-        history_lines=args.history,
-        tls_context=tls_context,
-        require_tls=args.require_tls,
-        password=args.password,
-    )
-    if tls_context is not None:
-        plain = "refused" if args.require_tls else "served too"
-        log.info("TLS on; plain connections %s. Certificate SHA-256 %s", plain, fingerprint)
-    if args.password is not None and not args.require_tls:
-        log.warning(
-            "a room password without --require-tls: a plain connection sends it in clear text"
-        )
-    if server.max_members < limits.max_members:
-        log.warning(
-            "at most %d members, not %d: %d open files allowed (ulimit -n; hard limit %s), "
-            "%d of them kept for the server",
-            server.max_members,
-            limits.max_members,
-            open_files,
-            describe_limit(resource.getrlimit(resource.RLIMIT_NOFILE)[1]),
-            FD_RESERVE,
-        )
-    server.log_status_every(args.summary_seconds)
-    server.install_signal_handlers()
-    host, port = listener.getsockname()[:2]
-    print(f"listening on {protocol.format_member_id(host, port)}", flush=True)
-    server.serve_forever()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

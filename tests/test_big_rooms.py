@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from chatroom import serve
 from chatroom import server as chat_server
 from chatroom.room import BATCH_ABOVE, BATCH_NAMES
 
@@ -150,18 +151,18 @@ def test_raising_the_descriptor_limit_steps_down_until_the_system_allows_it(
 
     monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, resource.RLIM_INFINITY))
     monkeypatch.setattr(resource, "setrlimit", fake_setrlimit)
-    got = chat_server.raise_open_files_limit(10_032)
-    assert ceiling - chat_server.OPEN_FILES_STEP < got <= ceiling
+    got = serve.raise_open_files_limit(10_032)
+    assert ceiling - serve.OPEN_FILES_STEP < got <= ceiling
     assert calls[0] == (10_032, resource.RLIM_INFINITY)
     assert calls[-1] == (got, resource.RLIM_INFINITY)
 
     calls.clear()
     monkeypatch.setattr(resource, "getrlimit", lambda which: (20_000, 20_000))
-    assert chat_server.raise_open_files_limit(10_032) == 20_000  # already enough: untouched
+    assert serve.raise_open_files_limit(10_032) == 20_000  # already enough: untouched
     assert calls == []
 
     monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 1024))
-    assert chat_server.raise_open_files_limit(10_032) == 1024  # the hard limit: nothing to try
+    assert serve.raise_open_files_limit(10_032) == 1024  # the hard limit: nothing to try
     assert calls == []
 
 

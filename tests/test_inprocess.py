@@ -23,7 +23,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from chatroom import protocol
 from chatroom.connection import LineCodec
 from chatroom.limits import Limits
-from chatroom.server import ChatServer, open_listener
+from chatroom.serve import open_listener
+from chatroom.server import ChatServer
 
 from .conftest import unsafe_characters
 

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from chatroom import protocol
-from chatroom.server import ChatServer, open_listener
+from chatroom.serve import open_listener
+from chatroom.server import ChatServer
 from chatroom.stats import Stats
 
 from .conftest import Room

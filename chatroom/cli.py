@@ -67,6 +67,13 @@ def _number_in_range(
     return convert
 
 
+def add_password_file_argument(group: argparse._ArgumentGroup, help_text: str) -> None:
+    """--password-file FILE, read into args.password, on both programs."""
+    group.add_argument(
+        "--password-file", type=password_file, metavar="FILE", dest="password", help=help_text
+    )
+
+
 def password_file(path: str) -> str:
     """An argparse type: the password in a file (its first line, without the spaces around
     it), so that it never shows in a command line anyone on the machine can list."""

@@ -287,13 +287,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="connect with TLS to the server whose certificate has this SHA-256 fingerprint "
         "(as the server logs it; colons and case optional), whoever signed it",
     )
-    private.add_argument(
-        "--password-file",
-        type=cli.password_file,
-        metavar="FILE",
-        dest="password",
-        help="the room's password, on the file's first line",
-    )
+    cli.add_password_file_argument(private, "the room's password, on the file's first line")
     return parser.parse_args(argv)
 
 

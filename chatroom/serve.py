@@ -138,12 +138,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="refuse plain connections: one ERROR line, then close",
     )
-    private.add_argument(
-        "--password-file",
-        type=cli.password_file,
-        metavar="FILE",
-        dest="password",
-        help="the room's password, on the file's first line; clients send !Pass before !Join",
+    cli.add_password_file_argument(
+        private, "the room's password, on the file's first line; clients send !Pass before !Join"
     )
     limits = parser.add_argument_group("limits (see README.md for the reasons)")
     for flag, kind, metavar, text in LIMIT_FLAGS:

@@ -30,6 +30,10 @@ QUIT = "!Quit"
 PASS = "!Pass"
 COMMAND_PREFIX = "/"
 _JOIN_WORD, _QUIT_WORD, _PASS_WORD = JOIN.lower(), QUIT.lower(), PASS.lower()
+# What separates a command's words, and may stand around a line: spaces and tabs only. Other
+# blanks (U+00A0, U+3000) are text, as PROTOCOL.md says.
+_BLANKS = " \t"
+_BETWEEN_WORDS = re.compile("[ \t]+")
 
 # A name: 1 to 16 ASCII letters, digits, "_" or "-", a letter first. ASCII only, so no name is
 # a lookalike of another in some other script; no ".", ":", "[", space or "@", so none looks
@@ -321,14 +325,15 @@ def parse_client_line(line: bytes) -> ClientLine:
     if b"\xff" in line:
         line = strip_telnet_commands(line)
     text = decode_line(line)
-    if text[:1] == COMMAND_PREFIX:
-        return _parse_slash_command(text)
-    stripped = text.strip()
+    start = text.lstrip()
+    if start[:1] == COMMAND_PREFIX:  # a command, even after blanks: never said by mistake
+        return _parse_slash_command(start)
+    stripped = text.strip(_BLANKS)
     if not stripped:
         return Blank()
     if stripped[0] != "!":  # most lines: chat, with no word to look up
         return Say(text)
-    words = stripped.split(None, 1)
+    words = _BETWEEN_WORDS.split(stripped, maxsplit=1)
     first = words[0].lower()
     if first == _JOIN_WORD:
         return Join(words[1] if len(words) == 2 else None)
@@ -342,9 +347,9 @@ def parse_client_line(line: bytes) -> ClientLine:
 def _parse_slash_command(text: str) -> Command:
     if text.startswith(COMMAND_PREFIX * 2):
         return Say(text[1:])  # "//text" says "/text"
-    words = text[1:].split(None, 2)
-    word = words[0].lower() if words else ""
-    arguments = words[1:]
+    parts = _BETWEEN_WORDS.split(text[1:], maxsplit=2)  # the last part keeps its own blanks
+    word = parts[0].lower()
+    arguments = [part for part in parts[1:] if part]
     if word in ("who", "names"):
         return Who()
     if word == "help":
@@ -356,9 +361,9 @@ def _parse_slash_command(text: str) -> Command:
     if word == "msg":
         return Msg(*arguments) if len(arguments) == 2 else BadCommand(USAGE_MSG)
     if word == "me":
-        action = text[1:].split(None, 1)
-        return Me(action[1]) if len(action) == 2 else BadCommand(USAGE_ME)
-    return BadCommand(unknown_command_error(word))
+        action = _BETWEEN_WORDS.split(text[1:], maxsplit=1)
+        return Me(action[1]) if len(action) == 2 and action[1] else BadCommand(USAGE_ME)
+    return BadCommand(unknown_command_error(parts[0]))
 
 
 def pass_line(password: str) -> str:

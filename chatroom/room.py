@@ -165,6 +165,13 @@ class Room:
         for the leaves since the last ones, to every member."""
         if self.next_notice_at is None or now < self.next_notice_at:
             return []
+        return self._notices_waiting()
+
+    def _notices_waiting(self) -> list[Output]:
+        """The batched notices now, early if need be: any other line to the room goes after
+        them, so nobody is heard from, or renamed, before the notice that they came."""
+        if self.next_notice_at is None:
+            return []
         self.next_notice_at = None
         return [
             ToMembers(line, sender=None)
@@ -235,7 +242,7 @@ class Room:
         """A line said to the room: to every other member, and into the history."""
         if self._history_on:
             self._remember(line, now)
-        return [ToMembers(line, peer)]
+        return [*self._notices_waiting(), ToMembers(line, peer)]
 
     def _remember(self, line: bytes, now: float) -> None:
         history = self._history
@@ -247,9 +254,12 @@ class Room:
             self._history_bytes -= len(history.popleft()[1])
 
     def _rename(self, peer: str, member: Member, name: str, now: float) -> list[Output]:
+        if name == member.name:
+            return [ToPeer(peer, protocol.named_line(member.label))]  # nothing changes
         refusal = self._refusal_of_name(name, member)
         if member.renames is None:
             member.renames = TokenBucket(1 / RENAME_INTERVAL_SECONDS, RENAME_BURST, now)
+            member.renames.take()  # a new bucket holds one more, for a !Join: none to pay here
         if refusal is None:
             wait = member.renames.seconds_until_token(now)
             if wait > 0:
@@ -261,6 +271,7 @@ class Room:
         self._take_name(peer, member, name)
         return [
             ToPeer(peer, protocol.named_line(member.label)),
+            *self._notices_waiting(),
             ToMembers(protocol.renamed_line(old_label, member.label), sender=peer),
         ]
 

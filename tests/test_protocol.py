@@ -160,7 +160,14 @@ def test_any_chunking_reports_the_same_over_long_lines(
         (b"//etc/passwd is a file", protocol.Say("/etc/passwd is a file")),
         (b"/shrug", protocol.BadCommand(protocol.unknown_command_error("shrug"))),
         (b"/", protocol.BadCommand(protocol.unknown_command_error(""))),
-        (b" /who", protocol.Say(" /who")),  # a command starts the line
+        (b" /who", protocol.Who()),  # blanks before a command do not make it chat
+        (b"  /msg bob my password", protocol.Msg("bob", "my password")),
+        (b"\xc2\xa0/msg bob hi", protocol.Msg("bob", "hi")),  # any blank: still private
+        (b"/NICK\xc2\xa0bob", protocol.BadCommand(protocol.unknown_command_error("NICK\u00a0bob"))),
+        (b"/Shrug it", protocol.BadCommand(protocol.unknown_command_error("Shrug"))),
+        (b"/nick bob ", protocol.Nick("bob")),
+        (b"/msg bob ", protocol.BadCommand(protocol.USAGE_MSG)),
+        (b"/me ", protocol.BadCommand(protocol.USAGE_ME)),
         (b"!Pass hunter2", protocol.Pass("hunter2")),
         (b" !PASS \tcorrect horse  ", protocol.Pass("correct horse")),
         (b"!Pass", protocol.Pass("")),

@@ -184,7 +184,9 @@ class RoomRules(RuleBasedStateMachine):
             for member, label in self.labels.items()
             if member != peer and "@" in label
         }
-        if not protocol.NAME_PATTERN.match(name):
+        if self.labels[peer] == protocol.member_label(peer, name):
+            self.expect(protocol.named_line(self.labels[peer]), [peer])  # the same: no notice
+        elif not protocol.NAME_PATTERN.match(name):
             self.expect(protocol.error_line(protocol.ERROR_INVALID_NAME), [peer])
         elif name.lower() in taken:
             self.expect(protocol.error_line(protocol.name_taken_error(name)), [peer])
@@ -336,8 +338,7 @@ def test_a_member_may_change_the_case_of_its_own_name() -> None:
 
 def test_renames_are_rate_limited_after_a_burst() -> None:
     room = named_room()
-    burst = RENAME_BURST + 1  # like flood control, the newcomer's bucket starts one over
-    for n in range(burst):
+    for n in range(RENAME_BURST):
         assert lines_to(room.handle(A, protocol.Nick(f"a{n}"), now=1.0), A) == [
             f"* You are now a{n}@{A}\n".encode()
         ]
@@ -487,3 +488,28 @@ def test_a_small_room_hears_of_each_join_at_once() -> None:
     outputs = room.handle(C, protocol.Join(), now=1.0)
     assert broadcasts(outputs) == [f"* {C} joined\n".encode()]
     assert room.next_notice_at is None
+
+
+def test_renaming_to_the_same_name_tells_nobody_and_costs_nothing() -> None:
+    room = named_room()
+    assert room.handle(A, protocol.Nick("alice"), now=1.0) == [
+        ToPeer(A, f"* You are now {ALICE}\n".encode())
+    ]
+
+
+def test_in_a_large_room_no_line_overtakes_the_notice_that_its_sender_came() -> None:
+    room = big_room()
+    newcomer = "10.2.0.1:2"
+    room.handle(newcomer, protocol.Join(), now=10.0)
+    said = room.handle(newcomer, protocol.Say("hello, I am new"), now=10.1)
+    assert broadcasts(said) == [
+        f"* 1 joined: {newcomer}\n".encode(),
+        f"[{newcomer}] hello, I am new\n".encode(),
+    ]
+    assert room.next_notice_at is None  # told early: nothing left waiting
+    room.leave("10.1.0.5:1", protocol.REASON_QUIT, now=10.2)
+    renamed = room.handle(newcomer, protocol.Nick("newbie"), now=10.3)
+    assert broadcasts(renamed) == [
+        b"* 1 left: 10.1.0.5:1 (quit)\n",
+        f"* {newcomer} is now newbie@{newcomer}\n".encode(),
+    ]

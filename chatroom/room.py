@@ -119,9 +119,6 @@ class Room:
         """Every member, in the order they joined."""
         return list(self._members)
 
-    def label_of(self, member: str) -> str:
-        return self._members[member].label
-
     def handle(self, peer: str, command: protocol.Command, now: float) -> list[Output]:
         """What the room does when a peer, joined or not, sends a command."""
         if isinstance(command, protocol.Say):

@@ -1,0 +1,315 @@
+"""The bridge between servers sharing one room, sans-IO: what a server publishes, what a
+message from another server means, and who is still there. Bytes in, items out; events in,
+bytes out; time is an argument. How the bytes travel (Redis pub/sub, chatroom.redis_link) is
+no concern of this module's.
+
+Every message is one JSON object (ARCHITECTURE.md, "The bridge's messages"): its server's id
+"s", that server's sequence number "n" (1, 2, 3, ... from its start: a gap is a message
+missed), its type "t" and the type's fields. Messages come from other processes through a
+shared Redis, so they are a peer's bytes like any client's: checked field by field, text
+re-sanitised and capped, and a bad one refused with BadMessage, which the transport logs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import NamedTuple, TypeVar, Union
+
+from chatroom import protocol, remote
+
+# A server says it is alive this often: a PUBLISH of a few dozen bytes, to every server.
+HEARTBEAT_SECONDS = 2.0
+# A server not heard from for this long is gone, and its members are reported left: four
+# heartbeats missed, so a busy or briefly stalled server is not taken for dead, and well inside
+# the 15 s the interface promises (the loop notices within one timer's wake-up).
+TIMEOUT_SECONDS = 8.0
+# The longest message taken from Redis: a roster of 10,000 members (~45 bytes each in JSON)
+# fits, and one hostile publisher cannot make a server parse or hold more.
+MAX_MESSAGE = 1024 * 1024
+
+_SERVER_ID = re.compile(r"[0-9A-Za-z_.:-]{1,64}\Z")
+_MEMBER_ID = re.compile(r"(?:\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.%]{2,64}\]):\d{1,5}\Z")
+_REASONS = frozenset(
+    {
+        protocol.REASON_QUIT,
+        protocol.REASON_CLOSED,
+        protocol.REASON_LOST,
+        protocol.REASON_TOO_SLOW,
+        protocol.REASON_TIMEOUT,
+        protocol.REASON_SERVER_ERROR,
+    }
+)
+
+
+class BadMessage(Exception):
+    """A message from another server (or from anyone who can publish on the room's channel)
+    that breaks the format: logged and dropped, never acted on."""
+
+
+class FromServer(NamedTuple):
+    """Another server's member did something."""
+
+    server: str
+    event: remote.Event
+
+
+class Roster(NamedTuple):
+    """Another server's whole membership; if ask, it wants every server's in return."""
+
+    server: str
+    members: list[tuple[str, str | None]]
+    ask: bool
+
+
+class Gap(NamedTuple):
+    """Messages from a server were missed (Redis is at most once): its roster must be asked
+    for again. missed is how many, or 0 for a server not heard from before."""
+
+    server: str
+    missed: int
+
+
+class ServerGone(NamedTuple):
+    """A server was not heard from within the timeout: its members are gone with it."""
+
+    server: str
+
+
+class HistoryLoaded(NamedTuple):
+    """The room's history, as read from Redis on (re)connecting."""
+
+    entries: list[remote.HistoryEntry]
+
+
+class LinkDown(NamedTuple):
+    """This server is cut off from the others: the room is split."""
+
+
+class LinkUp(NamedTuple):
+    """This server hears and is heard by the others again: the room is whole."""
+
+
+Received = Union[FromServer, Roster, Gap, ServerGone]
+# What the transport hands the server: what the others said, and its own state.
+Incoming = Union[FromServer, Roster, ServerGone, HistoryLoaded, LinkDown, LinkUp]
+
+
+class _Peer:
+    """What this server knows of another."""
+
+    __slots__ = ("heard_at", "seq")
+
+    def __init__(self, seq: int, heard_at: float) -> None:
+        self.seq = seq  # the last sequence number taken from it
+        self.heard_at = heard_at  # when it was last heard from
+
+
+class Bridge:
+    """One server's side of the shared room: numbering what it sends, checking what it is
+    sent, and the presence of the other servers (who is there, who has gone silent)."""
+
+    def __init__(
+        self,
+        server_id: str,
+        max_text: int = protocol.MAX_LINE,
+        timeout: float = TIMEOUT_SECONDS,
+        max_message: int = MAX_MESSAGE,
+    ) -> None:
+        self.server_id = server_id
+        self._max_text = max_text  # a remote text's most bytes, as a client's line
+        self._timeout = timeout
+        self._max_message = max_message
+        self._seq = 0  # the last sequence number this server used
+        self._peers: dict[str, _Peer] = {}  # the other servers heard from, by id
+        # When this server last heard its own message come back: the proof that the whole
+        # path (publish, Redis, subscription) works, which a hung Redis cannot fake.
+        self.echoed_at: float | None = None
+
+    def servers(self) -> list[str]:
+        return list(self._peers)
+
+    # Outgoing
+
+    def encode(self, event: remote.Event, now: float) -> bytes:
+        """The message for an event; now (the wall clock) dates a chat line, which is also
+        what the room's history in Redis holds."""
+        if isinstance(event, remote.MemberJoined):
+            return self._message("join", m=event.member, name=event.name)
+        if isinstance(event, remote.MemberLeft):
+            return self._message("leave", m=event.member, reason=event.reason)
+        if isinstance(event, remote.MemberRenamed):
+            return self._message("nick", m=event.member, name=event.name)
+        if isinstance(event, remote.MemberSaid):
+            return self._message(
+                "say", m=event.member, name=event.name, text=event.text, act=event.action, at=now
+            )
+        return self._message(
+            "msg", m=event.sender, to=event.target, on=event.target_server, text=event.text
+        )
+
+    def hello(self, roster: list[tuple[str, str | None]], ask: bool) -> bytes:
+        """This server and all its members; ask: every other server answers with its own."""
+        return self._message("hello", members=[list(entry) for entry in roster], ask=ask)
+
+    def heartbeat(self) -> bytes:
+        return self._message("beat")
+
+    def goodbye(self) -> bytes:
+        """This server is stopping: its members are gone at once, not after the timeout."""
+        return self._message("bye")
+
+    def _message(self, kind: str, **fields: object) -> bytes:
+        self._seq += 1
+        message = {"s": self.server_id, "n": self._seq, "t": kind, **fields}
+        return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+
+    # Incoming
+
+    def receive(self, payload: bytes, now: float) -> list[Received]:
+        """What a message on the room's channel means. Its own echo means nothing (but shows
+        the channel works: see echo); a message from a server not heard from before, or after
+        a gap, asks for that server's roster. Raises BadMessage."""
+        message = self._parse(payload)
+        server = _field(message, "s", str)
+        if not _SERVER_ID.match(server):
+            raise BadMessage(f"bad server id {server[:64]!r}")
+        seq = _field(message, "n", int)
+        if server == self.server_id:
+            self.echoed_at = now
+            return []
+        item = self._item(server, message)
+        items: list[Received] = [] if item is None else [item]
+        peer = self._peers.get(server)
+        if peer is None:
+            self._peers[server] = _Peer(seq, now)
+            return items if isinstance(item, Roster) else [Gap(server, 0), *items]
+        peer.heard_at = now
+        if seq <= peer.seq:
+            return []  # a message already taken: each is acted on once
+        missed, peer.seq = seq - peer.seq - 1, seq
+        if isinstance(item, ServerGone):
+            del self._peers[server]
+        return [Gap(server, missed), *items] if missed else items
+
+    def history(self, records: list[bytes]) -> list[remote.HistoryEntry]:
+        """The room's history from its list in Redis, which holds the "say" messages as they
+        were published; bad records are skipped."""
+        entries = []
+        for record in records:
+            try:
+                fields = self._parse(record)
+                entries.append(
+                    remote.HistoryEntry(
+                        _field(fields, "at", float),
+                        self._member(fields),
+                        self._name(fields),
+                        self._text(fields),
+                        _field(fields, "act", bool),
+                    )
+                )
+            except BadMessage:
+                continue
+        return entries
+
+    def _parse(self, payload: bytes) -> dict[str, object]:
+        if len(payload) > self._max_message:
+            raise BadMessage(f"{len(payload)} bytes, over {self._max_message}")
+        try:
+            message = json.loads(payload)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise BadMessage(f"not JSON: {exc}") from None
+        if not isinstance(message, dict):
+            raise BadMessage("not a JSON object")
+        return message
+
+    def _item(self, server: str, message: dict[str, object]) -> Received | None:
+        kind = _field(message, "t", str)
+        if kind == "beat":
+            return None
+        if kind == "bye":
+            return ServerGone(server)
+        if kind == "hello":
+            members = _field(message, "members", list)
+            roster = [self._roster_entry(entry) for entry in members]
+            return Roster(server, roster, _field(message, "ask", bool))
+        event: remote.Event
+        if kind == "msg":
+            target, on = _field(message, "to", str), _field(message, "on", str)
+            if not _MEMBER_ID.match(target):
+                raise BadMessage("bad target")
+            member, text = self._member(message), self._text(message)
+            event = remote.PrivateMessage(member, target, on, text)
+            return FromServer(server, event) if on == self.server_id else None
+        member = self._member(message)
+        if kind == "join":
+            event = remote.MemberJoined(member, self._name(message))
+        elif kind == "leave":
+            reason = _field(message, "reason", str)
+            event = remote.MemberLeft(
+                member, reason if reason in _REASONS else protocol.REASON_LOST
+            )
+        elif kind == "nick":
+            event = remote.MemberRenamed(member, self._name(message))
+        elif kind == "say":
+            text, action = self._text(message), _field(message, "act", bool)
+            event = remote.MemberSaid(member, self._name(message), text, action)
+        else:
+            raise BadMessage(f"unknown type {kind[:32]!r}")
+        return FromServer(server, event)
+
+    def _roster_entry(self, entry: object) -> tuple[str, str | None]:
+        if not isinstance(entry, list) or len(entry) != 2:
+            raise BadMessage("bad roster entry")
+        return self._member({"m": entry[0]}), self._name({"name": entry[1]})
+
+    @staticmethod
+    def _member(message: dict[str, object]) -> str:
+        member = _field(message, "m", str)
+        if not _MEMBER_ID.match(member):
+            raise BadMessage(f"bad member {member[:64]!r}")
+        return member
+
+    @staticmethod
+    def _name(message: dict[str, object]) -> str | None:
+        name = message.get("name")
+        if name is None:
+            return None
+        if not isinstance(name, str) or not protocol.NAME_PATTERN.match(name):
+            raise BadMessage("bad name")
+        return name
+
+    def _text(self, message: dict[str, object]) -> str:
+        """The text re-sanitised and cut to the line limit (on a character's boundary), as
+        a client's own line would be: another server's bytes are trusted no more."""
+        text = protocol.sanitize(_field(message, "text", str))
+        encoded = text.encode(protocol.ENCODING, "replace")
+        if len(encoded) > self._max_text:
+            text = encoded[: self._max_text].decode(protocol.ENCODING, "ignore")
+        return text or "\ufffd"
+
+    # Presence
+
+    def gone(self, now: float) -> list[ServerGone]:
+        """The servers not heard from within the timeout, forgotten now."""
+        silent = [s for s, peer in self._peers.items() if now - peer.heard_at >= self._timeout]
+        for server in silent:
+            del self._peers[server]
+        return [ServerGone(server) for server in silent]
+
+    def next_expiry(self) -> float | None:
+        """When the next server will have been silent too long, if any is known."""
+        if not self._peers:
+            return None
+        return min(peer.heard_at for peer in self._peers.values()) + self._timeout
+
+
+_T = TypeVar("_T")
+
+
+def _field(message: dict[str, object], key: str, kind: type[_T]) -> _T:
+    value = message.get(key)
+    # bool is an int in Python, and not a sequence number.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise BadMessage(f"field {key!r} missing or not {kind.__name__}")
+    return value

@@ -510,6 +510,13 @@ def history_line(said_at: float, line: bytes) -> bytes:
 
 HISTORY_END_LINE = _server_line("* End of history")
 
+# Told once when this server loses touch with the others sharing the room (--redis), and
+# once when it is back: members here hear each other all along.
+ROOM_SPLIT_LINE = _server_line(
+    "* The room is split: members on other servers cannot hear you, nor you them, until it heals"
+)
+ROOM_WHOLE_LINE = _server_line("* The room is whole again")
+
 HINT_LINE = _server_line(
     f"* This is a chat room: send {JOIN} (or {JOIN} NAME) to enter,"
     f" /help for the commands, {QUIT} to leave"

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import resource
+import secrets
 import socket
 import ssl
 import sys
+import time
 from dataclasses import fields
 from typing import Callable
 
-from chatroom import cli, protocol, tls
+from chatroom import bridge, cli, protocol, tls
 from chatroom.limits import Limits
 from chatroom.room import HISTORY_LINES
 from chatroom.server import DEFAULT_LIMITS, FD_RESERVE, ChatServer
@@ -32,6 +35,13 @@ OPEN_FILES_STEP = 16
 # its verbose level; once a minute keeps an info log readable (1,440 lines a day) however many
 # members come and go, each of whom is logged only at debug.
 STATUS_SECONDS = 60.0
+
+# The room every server shares when --room is not given.
+DEFAULT_ROOM = "chatroom"
+ROOM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+
+# redis_link.QUEUE_BYTES, repeated so the help needs no hiredis (a test checks they agree).
+REDIS_QUEUE_BYTES = 1024 * 1024
 
 LOG_LEVELS = {
     "debug": logging.DEBUG,
@@ -153,6 +163,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=DEFAULT_LIMITS.exempt_loopback,
         help="leave connections from this machine out of --max-per-ip (default: exempt)",
     )
+    shared = parser.add_argument_group("one room on several servers (see README.md)")
+    shared.add_argument(
+        "--redis",
+        metavar="redis://HOST:PORT[/DB]",
+        help="share the room with every server started with the same Redis and --room "
+        "(needs: pip install 'chatroom[redis]')",
+    )
+    shared.add_argument(
+        "--room",
+        default=DEFAULT_ROOM,
+        metavar="NAME",
+        help="the shared room's name on that Redis (default: %(default)s)",
+    )
+    shared.add_argument(
+        "--redis-heartbeat",
+        type=cli.float_in_range(0.05, 60),
+        default=bridge.HEARTBEAT_SECONDS,
+        metavar="SECONDS",
+        help="how often this server tells the others it is alive (default: %(default)g)",
+    )
+    shared.add_argument(
+        "--redis-timeout",
+        type=cli.float_in_range(0.1, 600),
+        default=bridge.TIMEOUT_SECONDS,
+        metavar="SECONDS",
+        help="a server not heard from for this long is gone and its members left; Redis not "
+        "answering for this long splits the room (default: %(default)g)",
+    )
+    shared.add_argument(
+        "--redis-queue",
+        type=cli.int_in_range(4096, 1 << 30),
+        default=REDIS_QUEUE_BYTES,
+        metavar="BYTES",
+        help="the queue of lines to Redis; past it lines for other servers are dropped "
+        "(default: %(default)s)",
+    )
     logs = parser.add_argument_group("logging (on stderr)")
     logs.add_argument(
         "--log-level",
@@ -174,6 +220,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--tls-cert and --tls-key go together")
     if args.require_tls and args.tls_cert is None:
         parser.error("--require-tls needs --tls-cert and --tls-key")
+    if not ROOM_NAME.match(args.room):
+        parser.error("--room: 1 to 64 letters, digits, _, - or .")
+    if args.redis is not None and args.redis_timeout <= args.redis_heartbeat:
+        parser.error("--redis-timeout must be longer than --redis-heartbeat")
     return args
 
 
@@ -197,12 +247,25 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 why = cli.describe(exc) if isinstance(exc, OSError) else str(exc)
             return cli.fail(PROG, f"{what}: {why}")
+    if args.redis is not None:
+        try:
+            from chatroom import redis_link
+        except ImportError as exc:
+            why = f"--redis needs hiredis: pip install 'chatroom[redis]' ({exc})"
+            return cli.fail(PROG, why)
+        try:
+            address = redis_link.parse_redis_url(args.redis)
+        except ValueError as exc:
+            return cli.fail(PROG, f"--redis: {exc}")
     try:
         listener = open_listener(args.host, args.port)
     except OSError as exc:
         where = protocol.format_member_id(args.host, args.port)
         return cli.fail(PROG, f"cannot listen on {where}: {cli.describe(exc)}")
     open_files = raise_open_files_limit(limits.max_members + limits.max_unjoined + FD_RESERVE)
+    # A new id at every start: a server that comes back is a new server to the others, whose
+    # old members they have already seen leave.
+    server_id = None if args.redis is None else secrets.token_hex(4)
     server = ChatServer(
         listener,
         limits,
@@ -210,7 +273,27 @@ def main(argv: list[str] | None = None) -> int:
         tls_context=tls_context,
         require_tls=args.require_tls,
         password=args.password,
+        server_id=server_id,
     )
+    if server_id is not None:
+        the_bridge = bridge.Bridge(server_id, limits.max_line, args.redis_timeout)
+        link = redis_link.RedisLink(
+            address,
+            args.room,
+            the_bridge,
+            server.selector,
+            time.monotonic,
+            time.time,
+            server.apply_from_link,
+            server.roster,
+            heartbeat=args.redis_heartbeat,
+            timeout=args.redis_timeout,
+            queue_limit=args.redis_queue,
+            history_lines=args.history,
+            reply_limit=bridge.MAX_MESSAGE + args.history * (limits.max_line + 512),
+        )
+        server.attach_link(link)
+        link.start()
     if tls_context is not None:
         plain = "refused" if args.require_tls else "served too"
         log.info("TLS on; plain connections %s. Certificate SHA-256 %s", plain, fingerprint)

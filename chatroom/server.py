@@ -23,14 +23,17 @@ import socket
 import ssl
 import time
 from types import FrameType
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
-from chatroom import cli, protocol, tls
+from chatroom import bridge, cli, protocol, tls
 from chatroom.connection import RECV_SIZE, Connection, Deadline, LineCodec
 from chatroom.fanout import Fanout
 from chatroom.limits import LOOPBACK, Limits, PasswordFailures, address_key
-from chatroom.room import HISTORY_LINES, Joined, Left, Output, Room, ToMembers, ToPeer
+from chatroom.room import HISTORY_LINES, Joined, Left, Output, Room, Share, ToMembers, ToPeer
 from chatroom.stats import Stats
+
+if TYPE_CHECKING:  # hiredis is an extra: the link is imported only when --redis is given
+    from chatroom.redis_link import RedisLink
 
 log = logging.getLogger("chatroom.server")
 
@@ -91,6 +94,7 @@ class ChatServer:
         tls_context: ssl.SSLContext | None = None,
         require_tls: bool = False,
         password: str | None = None,
+        server_id: str | None = None,
     ) -> None:
         self._listener = listener
         self._tls_context = tls_context  # None: a TLS handshake is another protocol, refused
@@ -105,7 +109,11 @@ class ChatServer:
         self.max_connections = connection_cap(limits.max_members + limits.max_unjoined)
         self.max_members = min(limits.max_members, self.max_connections)
         self._selector = selectors.DefaultSelector()
-        self._room = Room(self.max_members, history_lines)
+        # server_id: the room is shared with other servers (--redis), this one under that id.
+        self._room = Room(self.max_members, history_lines, shared=server_id is not None,
+                          server_id=server_id or "")  # fmt: skip
+        self._link: RedisLink | None = None  # to the other servers sharing the room
+        self._told_split = False  # members were told the room is split, and not yet whole
         self._fanout: Fanout[Connection] = Fanout()  # this turn's lines, in order, for whom
         # Every open peer, joined or not, in the order it came; dicts keep every order here
         # (fan-out, flushes, evictions) the same from run to run.
@@ -166,6 +174,8 @@ class ChatServer:
         self._handshakes_left = HANDSHAKES_PER_TURN
         self._handle_pending_input()
         self._flush()
+        if self._link is not None:
+            self._link.flush()
         self._close_scheduled()
         if self._status_requested or self._status_due():
             self._log_status()
@@ -176,8 +186,10 @@ class ChatServer:
                 self._accept_new_connections()
             elif key.fileobj is self._wakeup_reader:
                 self._drain_wakeup()
-            else:
+            elif isinstance(key.data, Connection):
                 self._handle_event(key.data, mask)
+            elif self._link is not None:
+                self._link.handle_ready(key.data, mask)
         return self._fire_timers() or busy or bool(events)
 
     def _has_work_waiting(self) -> bool:
@@ -498,8 +510,45 @@ class ChatServer:
                 self._fanout.remove_member(connections[output.member])
                 log.debug("%s left (%s)", output.member, output.reason)
                 self._stats.left(output.reason)
+            elif isinstance(output, Share):
+                if self._link is not None:
+                    self._link.share(output.event)
             else:
                 self._finish(connections[output.peer])
+
+    # The other servers sharing the room
+
+    @property
+    def selector(self) -> selectors.BaseSelector:
+        """The loop's selector, for the Redis link's sockets."""
+        return self._selector
+
+    def attach_link(self, link: RedisLink) -> None:
+        self._link = link
+
+    def roster(self) -> list[tuple[str, str | None]]:
+        return self._room.roster()
+
+    def apply_from_link(self, items: list[bridge.Incoming]) -> None:
+        """What the other servers' members did, and the link's state, into the room."""
+        room, now = self._room, self._wall_clock()
+        for item in items:
+            if isinstance(item, bridge.FromServer):
+                self._act_on(room.apply_remote(item.server, item.event, now))
+            elif isinstance(item, bridge.Roster):
+                self._act_on(room.sync_server(item.server, item.members, now))
+            elif isinstance(item, bridge.ServerGone):
+                log.info("server %s is gone: its members left", item.server)
+                self._act_on(room.forget_server(item.server, now))
+            elif isinstance(item, bridge.HistoryLoaded):
+                room.load_history(item.entries)
+            elif isinstance(item, bridge.LinkDown):
+                if not self._told_split:
+                    self._told_split = True
+                    self._act_on(room.tell_all(protocol.ROOM_SPLIT_LINE))
+            elif self._told_split:
+                self._told_split = False
+                self._act_on(room.tell_all(protocol.ROOM_WHOLE_LINE))
 
     def _tell(self, conn: Connection, line: bytes) -> None:
         """One line for one connection, in its place among this turn's lines."""
@@ -722,7 +771,8 @@ class ChatServer:
     def _seconds_to_wake(self, give_up_at: float | None) -> float | None:
         """How long select() may sleep: until the nearest deadline, or forever if none."""
         next_timer = self._timers[0][0] if self._timers else None
-        wake_times = (give_up_at, next_timer, self._accept_paused_until, self._status_at)
+        link_at = None if self._link is None else self._link.next_deadline()
+        wake_times = (give_up_at, next_timer, self._accept_paused_until, self._status_at, link_at)
         wake_at = [t for t in wake_times if t is not None]
         notice_at = self._room.next_notice_at  # on the wall clock, as the room keeps time
         if notice_at is not None:
@@ -736,6 +786,11 @@ class ChatServer:
         if self._accept_paused_until is not None and now >= self._accept_paused_until:
             self._resume_accepting()
             fired = True
+        if self._link is not None:
+            link_at = self._link.next_deadline()
+            if link_at is not None and now >= link_at:
+                self._link.on_timer(now)
+                fired = True
         notices = self._room.tell_joins_and_leaves(self._wall_clock())
         if notices:
             self._act_on(notices)
@@ -804,6 +859,9 @@ class ChatServer:
             self._selector.unregister(self._listener)
         self._accept_paused_until = None
         self._listener.close()
+        if self._link is not None:
+            self._link.close()
+            self._link = None
         for conn in self._connections.values():
             self._tell(conn, protocol.error_line(protocol.ERROR_SHUTTING_DOWN))
             self._finish(conn)

@@ -1,0 +1,431 @@
+"""The bridge's transport: two non-blocking connections to Redis, in the server's own
+selector, speaking RESP through hiredis (Reader parses replies fed as bytes, pack_command
+encodes), with no thread and no asyncio. One connection only listens (SUBSCRIBE); the other
+sends (PUBLISH, and the history list). What the messages mean is chatroom.bridge's affair.
+
+Output keeps the loop's discipline: commands are queued, the queue is flushed once a turn and
+EVENT_WRITE is watched only while bytes remain; the queue is bounded (--redis-queue), and so
+is what a reply may make the reader hold. A connection that fails, closes, sends garbage or
+goes quiet (no echo of this server's own heartbeat within the timeout) is closed, and both are
+made again after a backoff with jitter: the room is split meanwhile, and whole once both are up.
+
+Needs the redis extra (pip install 'chatroom[redis]'): chatroom.serve imports this module
+only when --redis is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import random
+import selectors
+import socket
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import urlsplit
+
+import hiredis
+
+from chatroom import bridge, remote
+
+log = logging.getLogger("chatroom.redis")
+
+# Bytes taken from a Redis socket per read.
+RECV_SIZE = 64 * 1024
+
+# Reconnecting: the first wait (Centrifuge waits 250 ms), doubled after each failure up to the
+# most, each wait drawn between half and all of it (jitter), so servers cut off together do not
+# all come back in the same instant. 5 s keeps a healed room well within the 30 s promised.
+RECONNECT_FIRST_SECONDS = 0.25
+RECONNECT_MOST_SECONDS = 5.0
+
+# The queue of commands to Redis: a few thousand chat lines' worth. It only fills while Redis
+# is slow to read (a hung Redis is cut after the timeout); past it, lines for the other servers
+# are dropped and counted, as pub/sub would lose them anyway.
+QUEUE_BYTES = 1024 * 1024
+
+Command = tuple[object, ...]  # a Redis command's words: str, bytes or int
+
+Deliver = Callable[[list[bridge.Incoming]], None]
+Roster = Callable[[], list[tuple[str, "str | None"]]]
+
+
+@dataclass(frozen=True)
+class RedisAddress:
+    host: str
+    port: int
+    db: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"redis://{host}:{self.port}/{self.db}"
+
+
+def parse_redis_url(url: str) -> RedisAddress:
+    """redis://HOST:PORT[/DB] (the port defaults to 6379, the database to 0); ValueError
+    for anything else."""
+    parts = urlsplit(url)
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ValueError(f"not redis://HOST:PORT[/DB]: {url}")
+    path = parts.path.strip("/")
+    if not (path == "" or path.isdigit()) or parts.query or parts.fragment:
+        raise ValueError(f"not redis://HOST:PORT[/DB]: {url}")
+    port = parts.port  # raises ValueError itself when out of range
+    return RedisAddress(parts.hostname, 6379 if port is None else port, int(path or 0))
+
+
+class _RedisConnection:
+    """One connection to Redis, as the selector's key data: its socket, reader and queue."""
+
+    def __init__(self, sock: socket.socket, reply_limit: int) -> None:
+        self.sock = sock
+        self.reader = hiredis.Reader()  # RESP bytes in, replies out; errors as values
+        self.reply_limit = reply_limit  # the most bytes the reader may hold unparsed
+        self.connected = False  # the non-blocking connect() has completed
+        self.outbox = bytearray()  # commands not yet taken by the kernel
+        self.replies: deque[str] = deque()  # what each reply awaited is for, in order
+        self.events = selectors.EVENT_WRITE  # what the selector watches: the connect first
+
+
+class RedisLink:
+    """Both connections, their state (down, connecting, up), the heartbeat and the reconnect."""
+
+    def __init__(
+        self,
+        address: RedisAddress,
+        room: str,
+        the_bridge: bridge.Bridge,
+        selector: selectors.BaseSelector,
+        clock: Callable[[], float],
+        wall_clock: Callable[[], float],
+        deliver: Deliver,
+        roster: Roster,
+        heartbeat: float = bridge.HEARTBEAT_SECONDS,
+        timeout: float = bridge.TIMEOUT_SECONDS,
+        queue_limit: int = QUEUE_BYTES,
+        history_lines: int = 0,
+        reply_limit: int = bridge.MAX_MESSAGE,
+    ) -> None:
+        self._address = address
+        # Pub/sub channels are not per database in Redis: the database is in the channel's name,
+        # so /1 and /2 on one Redis are separate rooms, as their history lists are.
+        self._channel = f"chatroom:{address.db}:{room}".encode()
+        self._history_key = f"chatroom:{room}:history".encode()
+        self._bridge = the_bridge
+        self._selector = selector
+        self._clock = clock
+        self._wall_clock = wall_clock  # dates the chat lines, as the room's history shows them
+        self._deliver = deliver  # hands the server what the others said, and the link's state
+        self._roster = roster  # this server's members, for the others
+        self._heartbeat = heartbeat
+        self._timeout = timeout
+        self._queue_limit = queue_limit
+        self._history_lines = history_lines  # 0: the room keeps no history
+        self._reply_limit = reply_limit
+        self._random = random.Random()
+        self._connections: list[_RedisConnection] = []  # [subscriber, commands] while open
+        self._up_since: float | None = None  # subscribed, and the room whole, since then
+        self._reconnect_at: float | None = None  # down: try again then
+        self._connect_by: float | None = None  # connecting: give up then
+        self._failures = 0  # attempts failed in a row, for the backoff
+        self._next_beat = 0.0  # when the next heartbeat is due, while up
+        self._ask_due = False  # a roster is wanted from every server, with the next beat
+        self._asked_at = -heartbeat  # when rosters were last asked for
+        self._dropped = 0  # lines not shared since the queue last had room, or since the split
+        self._bad = 0  # bad messages not logged yet (one log line a second at most)
+        self._bad_logged_at = -1.0
+
+    @property
+    def is_up(self) -> bool:
+        return self._up_since is not None
+
+    # Connecting
+
+    def start(self) -> None:
+        self._connect()
+
+    def _connect(self) -> None:
+        self._reconnect_at = None
+        try:
+            family, kind, proto, _, where = socket.getaddrinfo(
+                self._address.host, self._address.port, type=socket.SOCK_STREAM
+            )[0]
+            for _ in range(2):
+                sock = socket.socket(family, kind, proto)
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                connection = _RedisConnection(sock, self._reply_limit)
+                self._connections.append(connection)
+                code = sock.connect_ex(where)
+                if code not in (0, errno.EINPROGRESS):
+                    raise OSError(code, errno.errorcode.get(code, str(code)))
+                self._selector.register(sock, connection.events, connection)
+        except OSError as exc:
+            self._fail(f"cannot connect to {self._address}: {exc.strerror or exc}")
+            return
+        self._connect_by = self._clock() + self._timeout
+
+    def _connected(self, connection: _RedisConnection) -> None:
+        error = connection.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            self._fail(f"cannot connect to {self._address}: {errno.errorcode.get(error, error)}")
+            return
+        connection.connected = True
+        self._watch(connection, selectors.EVENT_READ)
+        if all(c.connected for c in self._connections):
+            subscriber, commands = self._connections
+            self._send(subscriber, [("SUBSCRIBE", self._channel)], "subscribed")
+            if self._address.db:
+                self._send(commands, [("SELECT", self._address.db)], "")
+
+    def _subscribed(self) -> None:
+        """Subscribed: the room's history is read again (the room is whole once it is in, so
+        that a newcomer is never shown less than the room has said), or, without history,
+        the room is whole now."""
+        if self._history_lines:
+            _, commands = self._connections
+            lrange = ("LRANGE", self._history_key, -self._history_lines, -1)
+            self._send(commands, [lrange], "history")
+        else:
+            self._whole()
+
+    def _whole(self) -> None:
+        """The link works: every server is asked for its roster, with this one's."""
+        now = self._clock()
+        self._connect_by = None
+        self._failures = 0
+        self._up_since = now
+        self._bridge.echoed_at = None
+        self._asked_at = now - self._heartbeat
+        self._ask_for_rosters(now)
+        self._next_beat = now + self._heartbeat
+        log.info("joined the room on %s as server %s", self._address, self._bridge.server_id)
+        if self._dropped:
+            log.info("%d lines said while split were not shared", self._dropped)
+            self._dropped = 0
+        self._deliver([bridge.LinkUp()])
+
+    # Sending
+
+    def share(self, event: remote.Event) -> None:
+        """Publishes a local member's event; a chat line also goes into the history list."""
+        if not self.is_up:
+            self._dropped += 1  # split: pub/sub would not keep it for later either
+            return
+        payload = self._bridge.encode(event, self._wall_clock())
+        commands: list[Command] = [("PUBLISH", self._channel, payload)]
+        if isinstance(event, remote.MemberSaid) and self._history_lines:
+            commands += [
+                ("RPUSH", self._history_key, payload),
+                ("LTRIM", self._history_key, -self._history_lines, -1),
+            ]
+        self._publish(commands)
+
+    def _publish(self, commands: list[Command]) -> None:
+        _, connection = self._connections
+        data = b"".join(_pack(command) for command in commands)
+        if len(connection.outbox) + len(data) > self._queue_limit:
+            if not self._dropped:
+                log.warning(
+                    "queue to Redis over %d bytes: lines for other servers dropped until it drains",
+                    self._queue_limit,
+                )
+            self._dropped += 1
+            return
+        if self._dropped:
+            log.warning("%d lines for other servers were dropped", self._dropped)
+            self._dropped = 0
+        connection.outbox += data
+        connection.replies.extend("" for _ in commands)
+
+    def _send(self, connection: _RedisConnection, commands: list[Command], reply: str) -> None:
+        """A command of the link's own (not bounded: there are a few per connection)."""
+        for command in commands:
+            connection.outbox += _pack(command)
+            connection.replies.append(reply)
+
+    def _ask_for_rosters(self, now: float) -> None:
+        """Publishes this server's roster, asking every other for theirs: at once, or with the
+        next heartbeat if rosters were asked for less than a heartbeat ago (gaps come in
+        bursts)."""
+        if now - self._asked_at < self._heartbeat:
+            self._ask_due = True
+            return
+        self._ask_due = False
+        self._asked_at = now
+        self._publish([("PUBLISH", self._channel, self._bridge.hello(self._roster(), ask=True))])
+
+    def flush(self) -> None:
+        """Hands each connection's queue to the kernel (once a turn, before select())."""
+        for connection in list(self._connections):
+            if connection.outbox and connection.connected:
+                self._write(connection)
+
+    def _write(self, connection: _RedisConnection) -> None:
+        try:
+            sent = connection.sock.send(connection.outbox)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._fail(f"writing to {self._address}: {exc.strerror or exc}")
+            return
+        del connection.outbox[:sent]
+        writing = selectors.EVENT_WRITE if connection.outbox else 0
+        self._watch(connection, selectors.EVENT_READ | writing)
+
+    def _watch(self, connection: _RedisConnection, events: int) -> None:
+        if events != connection.events:
+            connection.events = events
+            self._selector.modify(connection.sock, events, connection)
+
+    # Reading
+
+    def handle_ready(self, connection: _RedisConnection, mask: int) -> None:
+        """A Redis socket is ready; an unexpected error fails the link, never the loop."""
+        try:
+            if not connection.connected:
+                self._connected(connection)
+                return
+            if mask & selectors.EVENT_WRITE:
+                self._write(connection)
+            if mask & selectors.EVENT_READ and connection in self._connections:
+                self._read(connection)
+        except Exception:
+            log.exception("Redis link failed unexpectedly")
+            self._fail("unexpected error")
+
+    def _read(self, connection: _RedisConnection) -> None:
+        try:
+            data = connection.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._fail(f"reading from {self._address}: {exc.strerror or exc}")
+            return
+        if not data:
+            self._fail(f"{self._address} closed the connection")
+            return
+        connection.reader.feed(data)
+        try:
+            while connection in self._connections:
+                reply = connection.reader.gets()
+                if reply is False:
+                    break
+                self._handle_reply(connection, reply)
+        except hiredis.ProtocolError as exc:
+            self._fail(f"{self._address} broke the protocol: {exc}")
+            return
+        if connection in self._connections and connection.reader.len() > connection.reply_limit:
+            self._fail(f"a reply from {self._address} over {connection.reply_limit} bytes")
+
+    def _handle_reply(self, connection: _RedisConnection, reply: object) -> None:
+        subscriber = connection is self._connections[0]
+        if subscriber and isinstance(reply, list) and reply[:1] == [b"message"]:
+            if len(reply) == 3 and isinstance(reply[2], bytes):
+                self._receive(reply[2])
+            return
+        awaited = connection.replies.popleft() if connection.replies else ""
+        if isinstance(reply, hiredis.ReplyError):
+            log.warning("Redis refused a command: %s", reply)
+            if awaited:  # the link cannot work without this one
+                self._fail(f"Redis refused a command: {reply}")
+        elif awaited == "subscribed":
+            self._subscribed()
+        elif awaited == "history" and isinstance(reply, list):
+            records = [record for record in reply if isinstance(record, bytes)]
+            self._deliver([bridge.HistoryLoaded(self._bridge.history(records))])
+            self._whole()
+
+    def _receive(self, payload: bytes) -> None:
+        now = self._clock()
+        try:
+            items = self._bridge.receive(payload, now)
+        except bridge.BadMessage as exc:
+            self._bad += 1
+            if now - self._bad_logged_at >= 1.0:
+                log.warning("dropped %d bad message(s) from Redis, the last: %s", self._bad, exc)
+                self._bad, self._bad_logged_at = 0, now
+            return
+        for item in items:
+            if isinstance(item, bridge.Gap):
+                if item.missed:
+                    log.warning("missed %d message(s) from server %s", item.missed, item.server)
+                self._ask_for_rosters(now)
+            elif isinstance(item, bridge.Roster) and item.ask:
+                hello = self._bridge.hello(self._roster(), ask=False)
+                self._publish([("PUBLISH", self._channel, hello)])
+        self._deliver([item for item in items if not isinstance(item, bridge.Gap)])
+
+    # Time
+
+    def next_deadline(self) -> float | None:
+        """When the link next needs the loop: a reconnect, a connect's deadline, a heartbeat,
+        or another server's silence running out."""
+        times = [self._reconnect_at, self._connect_by, self._bridge.next_expiry()]
+        if self._up_since is not None:
+            times += [self._next_beat, self._echo_deadline()]
+        due = [t for t in times if t is not None]
+        return min(due) if due else None
+
+    def _echo_deadline(self) -> float:
+        assert self._up_since is not None
+        return max(self._bridge.echoed_at or self._up_since, self._up_since) + self._timeout
+
+    def on_timer(self, now: float) -> None:
+        if self._reconnect_at is not None and now >= self._reconnect_at:
+            self._connect()
+        elif self._connect_by is not None and now >= self._connect_by:
+            self._fail(f"no answer from {self._address} in {self._timeout:g} s")
+        elif self._up_since is not None:
+            if now >= self._echo_deadline():
+                self._fail(f"no word from {self._address} in {self._timeout:g} s")
+            elif now >= self._next_beat:
+                self._next_beat = now + self._heartbeat
+                if self._ask_due:
+                    self._ask_for_rosters(now)
+                else:
+                    self._publish([("PUBLISH", self._channel, self._bridge.heartbeat())])
+        gone = self._bridge.gone(now)
+        if gone:
+            self._deliver(list(gone))
+
+    # Failing and closing
+
+    def _fail(self, why: str) -> None:
+        """Closes both connections and tries again after a backoff; tells the server the
+        room is split if it was whole."""
+        was_up = self._up_since is not None
+        self._close_connections()
+        self._up_since = self._connect_by = None
+        most = min(RECONNECT_MOST_SECONDS, RECONNECT_FIRST_SECONDS * 2**self._failures)
+        wait = self._random.uniform(most / 2, most)
+        self._failures = min(self._failures + 1, 16)
+        self._reconnect_at = self._clock() + wait
+        log.warning("Redis link down: %s; trying again in %.2f s", why, wait)
+        if was_up:
+            self._deliver([bridge.LinkDown()])
+
+    def _close_connections(self) -> None:
+        for connection in self._connections:
+            self._selector.unregister(connection.sock)
+            connection.sock.close()
+        self._connections = []
+
+    def close(self) -> None:
+        """At shutdown: a best-effort goodbye, so the others need not wait out the timeout."""
+        if self.is_up:
+            _, commands = self._connections
+            goodbye = _pack(("PUBLISH", self._channel, self._bridge.goodbye()))
+            if not commands.outbox:
+                with contextlib.suppress(OSError):
+                    commands.sock.send(goodbye)
+        self._close_connections()
+        self._up_since = self._reconnect_at = self._connect_by = None
+
+
+def _pack(command: Command) -> bytes:
+    """A command in RESP. hiredis' stub types its argument as a tuple of one element."""
+    return bytes(hiredis.pack_command(command))  # type: ignore[arg-type]

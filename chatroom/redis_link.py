@@ -285,6 +285,8 @@ class RedisLink:
 
     def handle_ready(self, connection: _RedisConnection, mask: int) -> None:
         """A Redis socket is ready; an unexpected error fails the link, never the loop."""
+        if connection not in self._connections:
+            return  # closed earlier in this turn, with its sibling: select() saw it before
         try:
             if not connection.connected:
                 self._connected(connection)
@@ -375,6 +377,15 @@ class RedisLink:
         return max(self._bridge.echoed_at or self._up_since, self._up_since) + self._timeout
 
     def on_timer(self, now: float) -> None:
+        """Acts on whatever next_deadline said was due; an unexpected error fails the link,
+        never the loop."""
+        try:
+            self._act_on_time(now)
+        except Exception:
+            log.exception("Redis link failed unexpectedly")
+            self._fail("unexpected error")
+
+    def _act_on_time(self, now: float) -> None:
         if self._reconnect_at is not None and now >= self._reconnect_at:
             self._connect()
         elif self._connect_by is not None and now >= self._connect_by:

@@ -9,7 +9,11 @@
  * Speaks the chat protocol ("chat") or Redis pub/sub ("redis": members SUBSCRIBE, senders are
  * extra connections that PUBLISH). Prints one JSON object on stdout.
  *
- * usage: loadgen chat|redis HOST PORT MEMBERS SENDERS RATE SECONDS MESSAGE_BYTES
+ * PORT may be a comma-separated list (servers sharing one room over Redis): member i joins
+ * the server at port i mod N, and deliveries are also timed apart by whether the sender is
+ * on the receiver's server ("same") or another ("cross").
+ *
+ * usage: loadgen chat|redis HOST PORT[,PORT...] MEMBERS SENDERS RATE SECONDS MESSAGE_BYTES
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -36,6 +40,8 @@
 #define BUCKET_NS 10000LL
 #define SLOW_BUCKETS 600       /* ... then 100 ms buckets up to 60 s */
 #define SLOW_BUCKET_NS 100000000LL
+#define MAX_PORTS 16
+#define HIST_SIZE (BUCKETS + SLOW_BUCKETS)
 
 enum mode { CHAT, REDIS };
 
@@ -57,7 +63,9 @@ static int nconns;
 static int epfd;
 static int32_t *last_seq;           /* [member * senders + sender] */
 static long long delivered, order_errors, echoes, ready_count, refused_count, dropped_notices;
-static long long hist[BUCKETS + SLOW_BUCKETS];
+static long long hist[HIST_SIZE], hist_same[HIST_SIZE], hist_cross[HIST_SIZE];
+static long long delivered_same, delivered_cross;
+static int nports = 1;  /* servers; member i is on server i % nports */
 static long long received_bytes_at;  /* when anything last arrived (setup quiet detection) */
 
 static long long now_ns(void) {
@@ -71,24 +79,24 @@ static void die(const char *what) {
     exit(1);
 }
 
-static void record_latency(long long ns) {
+static void record_latency(long long *h, long long ns) {
     if (ns < 0) ns = 0;
     long long b = ns / BUCKET_NS;
     if (b < BUCKETS) {
-        hist[b]++;
+        h[b]++;
     } else {
         long long s = (ns - BUCKETS * BUCKET_NS) / SLOW_BUCKET_NS;
-        hist[BUCKETS + (s < SLOW_BUCKETS ? s : SLOW_BUCKETS - 1)]++;
+        h[BUCKETS + (s < SLOW_BUCKETS ? s : SLOW_BUCKETS - 1)]++;
     }
 }
 
-static double percentile_ms(double p) {
+static double percentile_ms(const long long *h, double p) {
     long long total = 0, seen = 0;
-    for (int i = 0; i < BUCKETS + SLOW_BUCKETS; i++) total += hist[i];
+    for (int i = 0; i < HIST_SIZE; i++) total += h[i];
     if (!total) return -1;
     long long want = (long long)(p * total);
-    for (int i = 0; i < BUCKETS + SLOW_BUCKETS; i++) {
-        seen += hist[i];
+    for (int i = 0; i < HIST_SIZE; i++) {
+        seen += h[i];
         if (seen > want) {
             if (i < BUCKETS) return (i + 1) * BUCKET_NS / 1e6;
             return (BUCKETS * BUCKET_NS + (i - BUCKETS + 1) * SLOW_BUCKET_NS) / 1e6;
@@ -154,7 +162,14 @@ static void handle_line(struct conn *c, char *line, long long now) {
         if (seq <= *last) order_errors++;
         *last = seq;
         delivered++;
-        record_latency(now - due);
+        record_latency(hist, now - due);
+        if (sender % nports == c->member % nports) {  /* chat: sender s is member s */
+            delivered_same++;
+            record_latency(hist_same, now - due);
+        } else {
+            delivered_cross++;
+            record_latency(hist_cross, now - due);
+        }
     } else if (!c->ready && (strstr(line, "* Welcome") || strcmp(line, "subscribe\r") == 0)) {
         c->ready = 1;
         ready_count++;
@@ -249,12 +264,20 @@ static double cpu_seconds(void) {
 
 int main(int argc, char **argv) {
     if (argc != 9) {
-        fprintf(stderr, "usage: loadgen chat|redis HOST PORT MEMBERS SENDERS RATE SECONDS BYTES\n");
+        fprintf(stderr,
+                "usage: loadgen chat|redis HOST PORT[,PORT...] MEMBERS SENDERS RATE SECONDS "
+                "BYTES\n");
         return 2;
     }
     mode = strcmp(argv[1], "redis") == 0 ? REDIS : CHAT;
-    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[3]))};
-    inet_pton(AF_INET, argv[2], &addr.sin_addr);
+    struct sockaddr_in addrs[MAX_PORTS];
+    nports = 0;
+    for (char *port = strtok(argv[3], ","); port && nports < MAX_PORTS; port = strtok(NULL, ",")) {
+        addrs[nports] = (struct sockaddr_in){.sin_family = AF_INET, .sin_port = htons(atoi(port))};
+        inet_pton(AF_INET, argv[2], &addrs[nports].sin_addr);
+        nports++;
+    }
+    if (!nports) return 2;
     members = atoi(argv[4]);
     senders = atoi(argv[5]);
     double rate = atof(argv[6]);
@@ -278,7 +301,10 @@ int main(int argc, char **argv) {
     int opened = 0;
     while (ready_count + refused_count < nconns && now_ns() < setup_deadline) {
         while (opened < nconns && opened - ready_count - refused_count < CONNECT_WINDOW)
-            open_conn(&conns[opened++], &addr);
+        {
+            struct conn *c = &conns[opened++];
+            open_conn(c, &addrs[c->member >= 0 ? c->member % nports : 0]);
+        }
         serve_events(10);
     }
     double join_seconds = (now_ns() - join_start) / 1e9;
@@ -318,9 +344,13 @@ int main(int argc, char **argv) {
     printf("{\"joined\": %lld, \"join_seconds\": %.3f, \"sent\": %lld, \"expected\": %lld, "
            "\"delivered\": %lld, \"order_errors\": %lld, \"echoes\": %lld, "
            "\"dropped_slow\": %lld, \"p50_ms\": %.3f, \"p99_ms\": %.3f, \"max_late_ms\": %.1f, "
-           "\"wall_seconds\": %.3f, \"cpu_seconds\": %.3f, \"saturated\": %s}\n",
+           "\"wall_seconds\": %.3f, \"cpu_seconds\": %.3f, \"saturated\": %s, "
+           "\"same_delivered\": %lld, \"same_p50_ms\": %.3f, \"same_p99_ms\": %.3f, "
+           "\"cross_delivered\": %lld, \"cross_p50_ms\": %.3f, \"cross_p99_ms\": %.3f}\n",
            ready_count, join_seconds, k, k * receivers, delivered, order_errors, echoes,
-           dropped_notices, percentile_ms(0.50), percentile_ms(0.99), max_late / 1e6, wall, cpu,
-           (cpu / wall > 0.9 || max_late > LATE_NS) ? "true" : "false");
+           dropped_notices, percentile_ms(hist, 0.50), percentile_ms(hist, 0.99),
+           max_late / 1e6, wall, cpu, (cpu / wall > 0.9 || max_late > LATE_NS) ? "true" : "false",
+           delivered_same, percentile_ms(hist_same, 0.50), percentile_ms(hist_same, 0.99),
+           delivered_cross, percentile_ms(hist_cross, 0.50), percentile_ms(hist_cross, 0.99));
     return 0;
 }

@@ -5,15 +5,18 @@ server and Redis pub/sub, all driven by one C load generator (bench/loadgen.c, c
     python bench/run.py --quick    each scenario once, for a second or two (CI runs this)
     python bench/run.py --scenarios fan-out chatty     only those, for a quick before/after
     python bench/run.py --scenarios tls --servers chatroom     fan-out to TLS members
+    python bench/run.py --scenarios bridge     one room on 1, 2 and 3 servers over one Redis
 
 The server runs on CPU 0 and the load generator on CPU 1 (taskset), so runs compare. Redis
 comes from Debian's packages (apt-get install redis-server) and is skipped, with a message,
 where redis-server is missing. The tls scenario is fan-out with every member on TLS: stunnel4
 (client mode, on the load generator's CPU, as the members' side of TLS) sits between the load
 generator and our server, which runs with --require-tls; it is skipped where stunnel4 or
-openssl is missing. Prints a Markdown report and writes it, with one picture per
-scenario (matplotlib), to bench/results/ (bench/results/quick/ for --quick); BENCHMARKS.md
-holds one full run.
+openssl is missing. The bridge scenario is one room spread over 1, 2 and 3 of our servers
+sharing one redis-server (--redis), all on the server's CPU, members dealt round the servers;
+deliveries are timed apart by whether sender and receiver share a server. Prints a Markdown
+report and writes it, with one picture per scenario (matplotlib), to bench/results/
+(bench/results/quick/ for --quick); BENCHMARKS.md holds one full run.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ SERVER_CPU, LOADGEN_CPU = "0", "1"
 OPEN_FILES = 20000  # 10,000 members on each side, with room to spare
 PASS_DELIVERED = 0.999  # a rate passes when this share of deliveries arrives ...
 PASS_P99_MS = 100.0  # ... with this p99 latency, in order, none echoed
-SCENARIOS = ["fan-out", "chatty", "scale", "overload", "tls"]
+SCENARIOS = ["fan-out", "chatty", "scale", "overload", "tls", "bridge"]
+BRIDGE_SERVERS = (1, 2, 3)  # the bridge scenario: the room on this many servers, in turn
 SCALE_SENDERS, SCALE_RATE = 1, 10.0  # the scale scenario: one member sends 10 messages/s
 # Servers whose join time is also measured at smaller rooms, for the scale picture: ours and
 # the C server beside it (the Python peers do not join 10,000 at all).
@@ -108,6 +112,7 @@ class Plan:
     fan_out: Sweep
     chatty: Sweep
     tls: Sweep  # fan-out with TLS members: every share is encrypted for each member
+    bridge: Sweep  # fan-out in one room spread over BRIDGE_SERVERS servers and one Redis
     scale_members: int  # the scale scenario's room, in the table
     scale_seconds: float
     scale_sizes: list[int]  # smaller rooms, joined only for the picture of join time
@@ -118,6 +123,7 @@ QUICK = Plan(
     fan_out=Sweep("fan-out", 1000, 10, [500.0], 1),
     chatty=Sweep("chatty", 50, 50, [2000.0], 1),
     tls=Sweep("fan-out", 200, 10, [50.0], 1),
+    bridge=Sweep("bridge", 1000, 10, [200.0], 1),
     scale_members=2000,
     scale_seconds=1.0,
     scale_sizes=[500],
@@ -133,6 +139,7 @@ FULL = Plan(
     ),
     chatty=Sweep("chatty", 50, 50, [1000, 2000, 4000, 8000, 16000, 32000, 64000, 96000, 128000], 5),
     tls=Sweep("fan-out", 200, 10, [25, 50, 100, 150, 200, 300, 400, 600, 800], 5),
+    bridge=Sweep("bridge", 1000, 10, [50, 100, 250, 500, 1000, 2000, 3000, 4000, 6000], 5),
     scale_members=10_000,
     scale_seconds=10.0,
     scale_sizes=[1000, 2500, 5000],
@@ -150,6 +157,7 @@ class Results:
     scale_sizes: dict[str, list[Result]] = field(default_factory=dict)  # smaller rooms, and it
     overload: dict[str, Result] = field(default_factory=dict)
     tls: dict[str, list[Result]] = field(default_factory=dict)  # fan-out with TLS members
+    bridge: dict[int, list[Result]] = field(default_factory=dict)  # by number of servers
 
 
 @dataclass(frozen=True)
@@ -324,6 +332,132 @@ class Running:
                 proc.wait()
 
 
+class Bridged:
+    """A redis-server and count of our servers sharing one room on it (--redis), all on the
+    server's CPU, for one measurement."""
+
+    def __init__(self, count: int) -> None:
+        redis_port = free_port()
+        self.procs = [self._start(SERVERS[-1].command(redis_port), redis_port)]
+        url = f"redis://127.0.0.1:{redis_port}"
+        self.ports = [free_port() for _ in range(count)]
+        for port in self.ports:
+            command = [*SERVERS[0].command(port), "--redis", url, "--log-level", "warning"]
+            self.procs.append(self._start(command, port))
+        deadline = time.monotonic() + 10
+        while self._subscribers(redis_port) < count:  # bounded: no event says "linked"
+            if time.monotonic() > deadline:
+                raise RuntimeError("the servers did not join the room on Redis")
+            time.sleep(0.05)
+
+    @staticmethod
+    def _start(command: list[str], port: int) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            pinned(SERVER_CPU, command),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=limit_open_files,
+        )
+        deadline = time.monotonic() + 10
+        while True:  # a bounded retry, as Running._wait_listening
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return proc
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"{command[0]} did not start") from None
+                time.sleep(0.05)
+
+    @staticmethod
+    def _subscribers(redis_port: int) -> int:
+        """How many connections listen on the room's channel (PUBSUB NUMSUB)."""
+        channel = b"chatroom:0:chatroom"
+        request = b"*3\r\n$6\r\nPUBSUB\r\n$6\r\nNUMSUB\r\n$%d\r\n%s\r\n" % (len(channel), channel)
+        with socket.create_connection(("127.0.0.1", redis_port), timeout=5) as sock:
+            sock.sendall(request)
+            reply = sock.recv(4096)  # *2 $N channel :COUNT
+        return int(reply.rsplit(b":", 1)[1].split(b"\r\n", 1)[0])
+
+    def load(self, loadgen: Path, plan: Sweep, rate: float) -> Result:
+        cpu_before, started = sum(cpu_seconds(p.pid) for p in self.procs), time.monotonic()
+        ports = ",".join(str(port) for port in self.ports)
+        command = [str(loadgen), "chat", "127.0.0.1", ports, str(plan.members)]
+        command += [str(plan.senders), f"{rate:g}", f"{plan.seconds:g}", "64"]
+        try:
+            done = subprocess.run(
+                pinned(LOADGEN_CPU, command),
+                capture_output=True,
+                text=True,
+                timeout=plan.seconds + 240,
+                preexec_fn=limit_open_files,
+                check=True,
+            )
+        except subprocess.TimeoutExpired:
+            return {"rate": rate, "passed": False, "timed_out": True}
+        result: Result = json.loads(done.stdout)
+        elapsed = time.monotonic() - started
+        cpu = sum(cpu_seconds(p.pid) for p in self.procs) - cpu_before
+        result["rate"] = rate
+        result["servers_cpu_pct"] = 100 * cpu / elapsed
+        result["deliveries_per_s"] = result["delivered"] / max(result["wall_seconds"], 1e-9)
+        result["passed"] = (
+            result["joined"] == plan.members
+            and result["delivered"] >= PASS_DELIVERED * result["expected"]
+            and 0 <= result["p99_ms"] <= PASS_P99_MS
+            and result["order_errors"] == 0
+            and result["echoes"] == 0
+        )
+        return result
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.kill()
+            proc.wait()
+
+
+def bridge_sweep(loadgen: Path, plan: Sweep, count: int) -> list[Result]:
+    """Each rate on a fresh room of count servers, until one fails."""
+    points = []
+    for rate in plan.rates:
+        bridged = Bridged(count)
+        try:
+            point = bridged.load(loadgen, plan, rate)
+        finally:
+            bridged.stop()
+        points.append(point)
+        log("chatroom", f"bridge x{count}", point)
+        if not point["passed"]:
+            break
+    return points
+
+
+def bridge_table(plan: Sweep, points: dict[int, list[Result]]) -> list[str]:
+    lines = [
+        f"### One room on 1, 2 and 3 servers over one Redis: {plan.members:,} members dealt "
+        f"round the servers, {plan.senders} sending, 64-byte messages",
+        "",
+        "| servers | highest passing rate (msg/s) | deliveries/s | same-server p50 / p99 ms "
+        "| cross-server p50 / p99 ms | CPU of servers and Redis together |",
+        "|---|---|---|---|---|---|",
+    ]
+    for count, tried in points.items():
+        # The highest rate that passed; if none did, the first tried, marked as failing.
+        best = best_passing(tried) or (tried[0] if tried else None)
+        rate = cell(best, "rate") + ("" if best is None or best["passed"] else " (failed)")
+        lines.append(
+            f"| {count} | {rate} | {cell(best, 'deliveries_per_s')} "
+            f"| {cell(best, 'same_p50_ms', '{:.2f}')} / {cell(best, 'same_p99_ms', '{:.2f}')} "
+            f"| {cell(best, 'cross_p50_ms', '{:.2f}')} / {cell(best, 'cross_p99_ms', '{:.2f}')} "
+            f"| {cell(best, 'servers_cpu_pct', '{:.0f}%')} |"
+        )
+    lines += [
+        "",
+        "Every server and Redis share one CPU here: this is the cost of the bridge, not "
+        "scaling (BENCHMARKS.md says how it scales on N machines).",
+    ]
+    return [*lines, ""]
+
+
 def measure(server: Server, loadgen: Path, *load: Any, tls: TlsFront | None = None) -> Result:
     running = Running(server, tls)
     try:
@@ -413,7 +547,7 @@ def available(servers: list[Server]) -> list[Server]:
 
 
 def cell(point: Result | None, key: str, form: str = "{:,.0f}") -> str:
-    if point is None or key not in point:
+    if point is None or key not in point or point[key] == -1:  # -1: nothing measured
         return "—"
     value = point[key]
     if isinstance(value, bool):
@@ -543,6 +677,8 @@ def report(command: str, plan: Plan, results: Results) -> str:
             f"{plan.tls.senders} sending, through stunnel on the load generator's CPU"
         )
         lines += sweep_table(title, results.tls)
+    if results.bridge:
+        lines += bridge_table(plan.bridge, results.bridge)
     return "\n".join(lines)
 
 
@@ -651,6 +787,12 @@ def main() -> int:
             if "tls" in chosen and server.name == "chatroom":
                 tls = TlsFront.make(Path(folder))
                 _, results.tls["chatroom, TLS members"] = sweep(server, loadgen, plan.tls, tls)
+        if "bridge" in chosen and "chatroom" in args.servers:
+            if shutil.which("redis-server") is None:
+                print("redis-server not found: the bridge scenario is skipped", file=sys.stderr)
+            else:
+                for count in BRIDGE_SERVERS:
+                    results.bridge[count] = bridge_sweep(loadgen, plan.bridge, count)
     command = " ".join(["python bench/run.py", *sys.argv[1:]])
     text = report(command, plan, results)
     print(text)

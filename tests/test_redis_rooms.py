@@ -240,6 +240,33 @@ def test_redis_dies_and_returns(cluster: Cluster) -> None:
         assert sum(line == WHOLE for line in member.lines) == 1
     lines = [line for line in ann2.lines if line.startswith(f"[{ann.label}] local ")]
     assert lines == [f"[{ann.label}] local {i}" for i in range(300)]
+    # A server started now joins the same room, and so do its members.
+    dan = cluster.member(cluster.server(*FAST), "dan")
+    ann.expect(f"* {dan.label} joined")
+    wait_for(lambda: _who(dan).startswith("* 5 here"), "the newcomer sees the whole room")
+
+
+def test_a_server_redis_drops_for_reading_too_slowly_comes_back_whole(cluster: Cluster) -> None:
+    # Redis cuts a subscriber whose output passes its pub/sub buffer limit (32 MiB by default;
+    # 256 KiB here, so the test need not send much): the server must notice and resynchronise.
+    limit = b"pubsub 262144 131072 1"
+    assert redis_command(cluster.port, b"CONFIG", b"SET", b"client-output-buffer-limit", limit)
+    one, two = cluster.server(*FAST, "--flood-rate", "0"), cluster.server(*FAST)
+    ann, ben = cluster.member(one, "ann"), cluster.member(two, "ben")
+    ann.expect(f"* {ben.label} joined")
+    two.proc.send_signal(signal.SIGSTOP)
+    try:
+        text = "z" * 4000
+        for i in range(2500):  # 10 MB: past the kernel's buffers and Redis' limit
+            ann.say(f"{i} {text}")
+        ann.expect(f"{ben.label} left (connection lost)")
+    finally:
+        two.proc.send_signal(signal.SIGCONT)
+    ben.expect(SPLIT, timeout=20)
+    ben.expect(WHOLE, timeout=30)
+    ann.expect(f"* {ben.label} joined", timeout=30)
+    ann.say("caught up")
+    assert ben.expect("caught up") == f"[{ann.label}] caught up"
 
 
 def _who(member: Member) -> str:

@@ -126,9 +126,6 @@ class Bridge:
         # path (publish, Redis, subscription) works, which a hung Redis cannot fake.
         self.echoed_at: float | None = None
 
-    def servers(self) -> list[str]:
-        return list(self._peers)
-
     # Outgoing
 
     def encode(self, event: remote.Event, now: float) -> bytes:

@@ -75,10 +75,11 @@ def test_a_silent_server_is_gone_after_the_timeout_and_a_goodbye_at_once() -> No
     two.receive(one.heartbeat(), now=5.0)
     assert two.gone(12.9) == []
     assert two.gone(13.0) == [bridge.ServerGone("one")]
-    assert two.servers() == []
-    two.receive(one.heartbeat(), now=20.0)
+    assert two.next_expiry() is None
+    # Forgotten: heard from again, it is a server never heard of, whose roster is wanted.
+    assert two.receive(one.heartbeat(), now=20.0) == [bridge.Gap("one", 0)]
     assert two.receive(one.goodbye(), now=21.0) == [bridge.ServerGone("one")]
-    assert two.servers() == []
+    assert two.receive(one.heartbeat(), now=22.0) == [bridge.Gap("one", 0)]
 
 
 def test_text_from_another_server_is_sanitised_and_capped() -> None:

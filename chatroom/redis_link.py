@@ -22,9 +22,9 @@ import random
 import selectors
 import socket
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import hiredis
 
@@ -57,23 +57,42 @@ class RedisAddress:
     host: str
     port: int
     db: int
+    username: str | None = None  # AUTH's, when the URL names one (Redis 6 ACL users)
+    password: str | None = field(default=None, repr=False)  # never in a log line
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"redis://{host}:{self.port}/{self.db}"
 
+    def auth(self) -> Command | None:
+        """The AUTH command each connection sends first, if the URL has a password."""
+        if self.password is None:
+            return None
+        if self.username is None:
+            return ("AUTH", self.password)
+        return ("AUTH", self.username, self.password)
+
 
 def parse_redis_url(url: str) -> RedisAddress:
-    """redis://HOST:PORT[/DB] (the port defaults to 6379, the database to 0); ValueError
-    for anything else."""
+    """redis://[[USER]:PASSWORD@]HOST:PORT[/DB] (the port defaults to 6379, the database to
+    0; USER and PASSWORD percent-encoded, as in redis-cli's -u); ValueError for anything
+    else, without the password in its message."""
     parts = urlsplit(url)
+    shown = url if parts.password is None else url.replace(parts.password, "***", 1)
     if parts.scheme != "redis" or not parts.hostname:
-        raise ValueError(f"not redis://HOST:PORT[/DB]: {url}")
+        raise ValueError(f"not redis://HOST:PORT[/DB]: {shown}")
     path = parts.path.strip("/")
     if not (path == "" or path.isdigit()) or parts.query or parts.fragment:
-        raise ValueError(f"not redis://HOST:PORT[/DB]: {url}")
-    port = parts.port  # raises ValueError itself when out of range
-    return RedisAddress(parts.hostname, 6379 if port is None else port, int(path or 0))
+        raise ValueError(f"not redis://HOST:PORT[/DB]: {shown}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"not a port: {shown}") from None
+    username = unquote(parts.username) if parts.username else None
+    password = None if parts.password is None else unquote(parts.password)
+    return RedisAddress(
+        parts.hostname, 6379 if port is None else port, int(path or 0), username, password
+    )
 
 
 class _RedisConnection:
@@ -177,6 +196,10 @@ class RedisLink:
         self._watch(connection, selectors.EVENT_READ)
         if all(c.connected for c in self._connections):
             subscriber, commands = self._connections
+            auth = self._address.auth()
+            if auth is not None:
+                for each in self._connections:
+                    self._send(each, [auth], "auth")
             self._send(subscriber, [("SUBSCRIBE", self._channel)], "subscribed")
             if self._address.db:
                 self._send(commands, [("SELECT", self._address.db)], "")

@@ -159,6 +159,14 @@ def test_redis_urls() -> None:
     assert parse("redis://127.0.0.1:6400/2") == redis_link.RedisAddress("127.0.0.1", 6400, 2)
     assert parse("redis://localhost") == redis_link.RedisAddress("localhost", 6379, 0)
     assert parse("redis://[::1]:7000") == redis_link.RedisAddress("::1", 7000, 0)
+    with_user = parse("redis://bot:p%40ss@h:1/2")
+    assert with_user == redis_link.RedisAddress("h", 1, 2, "bot", "p@ss")
+    assert with_user.auth() == ("AUTH", "bot", "p@ss")
+    assert parse("redis://:pw@h").auth() == ("AUTH", "pw")
+    assert "pw" not in str(parse("redis://:pw@h")) + repr(parse("redis://:pw@h"))
+    with pytest.raises(ValueError) as refused:
+        parse("redis://:hunter2@h:99999")
+    assert "hunter2" not in str(refused.value)
     for bad in ("http://h:1", "redis://", "redis://h:1/x", "redis://h:1/0?a=b", "redis://h:0x"):
         with pytest.raises(ValueError):
             parse(bad)

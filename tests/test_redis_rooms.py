@@ -42,21 +42,10 @@ SPLIT = "* The room is split"
 WHOLE = "* The room is whole again"
 
 
-def start_redis(room: Room, port: int) -> Program:
+def start_redis(room: Room, port: int, *args: str) -> Program:
     """A redis-server of the test's own on a loopback port, saving nothing."""
-    redis = room.run(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]
-    )
+    where = ["--port", str(port), "--bind", "127.0.0.1"]
+    redis = room.run(["redis-server", *where, "--save", "", "--appendonly", "no", *args])
     redis.stdout.expect("Ready to accept connections")
     return redis
 
@@ -375,6 +364,23 @@ def test_redis_without_hiredis_says_how_to_install_it(tmp_path: Path) -> None:
     lines = done.stderr.splitlines()
     assert len(lines) == 1
     assert "pip install 'chatroom[redis]'" in lines[0]
+
+
+def test_a_redis_with_a_password(room: Room) -> None:
+    port = closed_port()
+    start_redis(room, port, "--requirepass", "s3cret/!")
+    wrong = room.server("--redis", f"redis://:nope@127.0.0.1:{port}", *FAST)
+    assert "nope" not in wrong.stderr.expect("Redis link down")
+    one = room.server("--redis", f"redis://:s3cret%2F%21@127.0.0.1:{port}", *FAST)
+    two = room.server("--redis", f"redis://default:s3cret%2F%21@127.0.0.1:{port}/3", *FAST)
+    for server in (one, two):
+        server.stderr.expect("joined the room on")
+    ann, ben = room.member(one.port), room.member(two.port)
+    ann.join()
+    ben.join()
+    # Database 3 and database 0 are two rooms, though pub/sub knows no databases.
+    ben.say("/who")
+    assert ben.expect("here:") == f"* 1 here: {ben.member_id}"
 
 
 @pytest.mark.parametrize(

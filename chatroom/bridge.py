@@ -24,6 +24,11 @@ HEARTBEAT_SECONDS = 2.0
 # heartbeats missed, so a busy or briefly stalled server is not taken for dead, and well inside
 # the 15 s the interface promises (the loop notices within one timer's wake-up).
 TIMEOUT_SECONDS = 8.0
+# The queue of commands to Redis: a few thousand chat lines' worth. It only fills while Redis
+# is slow to read (a hung Redis is cut after the timeout); past it, lines for the other servers
+# are dropped and counted, as pub/sub would lose them anyway.
+QUEUE_BYTES = 1024 * 1024
+
 # The longest message taken from Redis: a roster of 10,000 members (~45 bytes each in JSON)
 # fits, and one hostile publisher cannot make a server parse or hold more.
 MAX_MESSAGE = 1024 * 1024

@@ -41,11 +41,6 @@ RECV_SIZE = 64 * 1024
 RECONNECT_FIRST_SECONDS = 0.25
 RECONNECT_MOST_SECONDS = 5.0
 
-# The queue of commands to Redis: a few thousand chat lines' worth. It only fills while Redis
-# is slow to read (a hung Redis is cut after the timeout); past it, lines for the other servers
-# are dropped and counted, as pub/sub would lose them anyway.
-QUEUE_BYTES = 1024 * 1024
-
 Command = tuple[object, ...]  # a Redis command's words: str, bytes or int
 
 Deliver = Callable[[list[bridge.Incoming]], None]
@@ -123,7 +118,7 @@ class RedisLink:
         roster: Roster,
         heartbeat: float = bridge.HEARTBEAT_SECONDS,
         timeout: float = bridge.TIMEOUT_SECONDS,
-        queue_limit: int = QUEUE_BYTES,
+        queue_limit: int = bridge.QUEUE_BYTES,
         history_lines: int = 0,
         reply_limit: int = bridge.MAX_MESSAGE,
     ) -> None:

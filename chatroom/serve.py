@@ -40,9 +40,6 @@ STATUS_SECONDS = 60.0
 DEFAULT_ROOM = "chatroom"
 ROOM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 
-# redis_link.QUEUE_BYTES, repeated so the help needs no hiredis (a test checks they agree).
-REDIS_QUEUE_BYTES = 1024 * 1024
-
 LOG_LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -194,7 +191,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     shared.add_argument(
         "--redis-queue",
         type=cli.int_in_range(4096, 1 << 30),
-        default=REDIS_QUEUE_BYTES,
+        default=bridge.QUEUE_BYTES,
         metavar="BYTES",
         help="the queue of lines to Redis; past it lines for other servers are dropped "
         "(default: %(default)s)",

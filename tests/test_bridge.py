@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from chatroom import bridge, protocol, remote, serve
+from chatroom import bridge, protocol, remote
 
 A, B = "1.2.3.4:5", "[::1]:6"
 
@@ -146,11 +146,6 @@ def test_the_history_is_read_from_the_say_messages_and_bad_records_skipped() -> 
         remote.HistoryEntry(1700000000.0, A, "ann", "hi", False),
         remote.HistoryEntry(1700000001.0, B, None, "nods", True),
     ]
-
-
-def test_the_servers_default_queue_is_the_links() -> None:
-    redis_link = pytest.importorskip("chatroom.redis_link")
-    assert serve.REDIS_QUEUE_BYTES == redis_link.QUEUE_BYTES
 
 
 def test_redis_urls() -> None:

@@ -168,15 +168,17 @@ class RedisLink:
             )[0]
             for _ in range(2):
                 sock = socket.socket(family, kind, proto)
+                connection = _RedisConnection(sock, self._reply_limit)
+                # Registered and kept at once, so that whichever step fails, closing finds
+                # every socket made, and each known to the selector.
+                self._selector.register(sock, connection.events, connection)
+                self._connections.append(connection)
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                connection = _RedisConnection(sock, self._reply_limit)
-                self._connections.append(connection)
                 code = sock.connect_ex(where)
                 if code not in (0, errno.EINPROGRESS):
                     raise OSError(code, errno.errorcode.get(code, str(code)))
-                self._selector.register(sock, connection.events, connection)
         except OSError as exc:
             self._fail(f"cannot connect to {self._address}: {exc.strerror or exc}")
             return

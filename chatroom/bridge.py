@@ -33,6 +33,19 @@ QUEUE_BYTES = 1024 * 1024
 # fits, and one hostile publisher cannot make a server parse or hold more.
 MAX_MESSAGE = 1024 * 1024
 
+
+def most_text_bytes(max_line: int) -> int:
+    """The most bytes of a chat line's text once sanitised: each byte of a client's line (at
+    most max_line) may become U+FFFD, three bytes in UTF-8."""
+    return 3 * max_line
+
+
+def most_say_bytes(max_line: int) -> int:
+    """The longest chat line's message: JSON writes such text in no more bytes than it has
+    (a quote or a backslash takes two, U+FFFD its own three), plus the fields around it."""
+    return most_text_bytes(max_line) + 1024
+
+
 _SERVER_ID = re.compile(r"[0-9A-Za-z_.:-]{1,64}\Z")
 _MEMBER_ID = re.compile(r"(?:\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.%]{2,64}\]):\d{1,5}\Z")
 _REASONS = frozenset(
@@ -117,12 +130,12 @@ class Bridge:
     def __init__(
         self,
         server_id: str,
-        max_text: int = protocol.MAX_LINE,
+        max_line: int = protocol.MAX_LINE,
         timeout: float = TIMEOUT_SECONDS,
         max_message: int = MAX_MESSAGE,
     ) -> None:
         self.server_id = server_id
-        self._max_text = max_text  # a remote text's most bytes, as a client's line
+        self._max_text = most_text_bytes(max_line)  # a remote text's most, as a local one's
         self._timeout = timeout
         self._max_message = max_message
         self._seq = 0  # the last sequence number this server used
@@ -282,8 +295,8 @@ class Bridge:
         return name
 
     def _text(self, message: dict[str, object]) -> str:
-        """The text re-sanitised and cut to the line limit (on a character's boundary), as
-        a client's own line would be: another server's bytes are trusted no more."""
+        """The text re-sanitised and cut (on a character's boundary) to the most a local
+        member's sanitised line can hold: another server's bytes are trusted no more."""
         text = protocol.sanitize(_field(message, "text", str))
         encoded = text.encode(protocol.ENCODING, "replace")
         if len(encoded) > self._max_text:

@@ -189,6 +189,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "answering for this long splits the room (default: %(default)g)",
     )
     shared.add_argument(
+        "--redis-max-message",
+        type=cli.int_in_range(4096, 1 << 30),
+        default=bridge.MAX_MESSAGE,
+        metavar="BYTES",
+        help="the longest message taken from Redis; a longer one is logged and dropped, and a "
+        "reply that runs past it (and the history's size) closes the link (default: %(default)s)",
+    )
+    shared.add_argument(
         "--redis-queue",
         type=cli.int_in_range(4096, 1 << 30),
         default=bridge.QUEUE_BYTES,
@@ -221,6 +229,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--room: 1 to 64 letters, digits, _, - or .")
     if args.redis is not None and args.redis_timeout <= args.redis_heartbeat:
         parser.error("--redis-timeout must be longer than --redis-heartbeat")
+    if args.redis_max_message < bridge.most_say_bytes(args.max_line):
+        least = bridge.most_say_bytes(args.max_line)
+        parser.error(f"--redis-max-message must hold a whole line: at least {least} bytes")
     return args
 
 
@@ -273,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         server_id=server_id,
     )
     if server_id is not None:
-        the_bridge = bridge.Bridge(server_id, limits.max_line, args.redis_timeout)
+        the_bridge = bridge.Bridge(
+            server_id, limits.max_line, args.redis_timeout, args.redis_max_message
+        )
         link = redis_link.RedisLink(
             address,
             args.room,
@@ -287,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             timeout=args.redis_timeout,
             queue_limit=args.redis_queue,
             history_lines=args.history,
-            reply_limit=bridge.MAX_MESSAGE + args.history * (limits.max_line + 512),
+            reply_limit=args.redis_max_message
+            + args.history * bridge.most_say_bytes(limits.max_line),
         )
         server.attach_link(link)
         link.start()

@@ -83,13 +83,13 @@ def test_a_silent_server_is_gone_after_the_timeout_and_a_goodbye_at_once() -> No
 
 
 def test_text_from_another_server_is_sanitised_and_capped() -> None:
-    two = bridge.Bridge("two", max_text=64)
+    two = bridge.Bridge("two", max_line=64)
     message = {"s": "evil", "n": 1, "t": "say", "m": A, "text": "\x1b[2J\u202e" + "é" * 100}
     (_, item) = two.receive(json.dumps({**message, "act": False}).encode(), now=0.0)
     assert isinstance(item, bridge.FromServer) and isinstance(item.event, remote.MemberSaid)
     text = item.event.text
     assert text.startswith("\ufffd[2J\ufffd")
-    assert len(text.encode()) <= 64
+    assert len(text.encode()) <= 3 * 64  # as a local line of 64 bytes, each one U+FFFD
     assert protocol.sanitize(text) == text
 
 

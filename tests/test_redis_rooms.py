@@ -337,7 +337,7 @@ def test_hostile_text_from_redis_is_sanitised_and_capped(cluster: Cluster) -> No
     cluster.publish(payload)
     line = ann.expect("6.6.6.6:6")
     assert line.startswith("[6.6.6.6:6] \ufffd[2Jhi")
-    assert len(line.encode()) < 4096 + 64
+    assert len(line.encode()) < 3 * 4096 + 64  # a local line's most, once sanitised
 
 
 def test_a_huge_reply_cuts_the_link_not_the_server(cluster: Cluster) -> None:
@@ -347,6 +347,35 @@ def test_a_huge_reply_cuts_the_link_not_the_server(cluster: Cluster) -> None:
     server.stderr.expect("Redis link down")
     ann.expect(SPLIT)
     ann.expect(WHOLE, timeout=30)
+
+
+def padded(message: dict[str, object], size: int) -> bytes:
+    """The message as JSON of exactly size bytes (blanks before its closing brace)."""
+    payload = json.dumps(message).encode()
+    return payload[:-1] + b" " * (size - len(payload)) + b"}"
+
+
+def test_a_message_over_redis_max_message_is_logged_and_dropped(cluster: Cluster) -> None:
+    server = cluster.server(*FAST, "--redis-max-message", "20000")
+    ann = cluster.member(server, "ann")
+    said = {"s": "far", "t": "say", "m": "6.6.6.6:6", "name": None, "act": False, "at": 0.0}
+    cluster.publish(padded({**said, "n": 1, "text": "at the limit"}, 20000))
+    assert ann.expect("at the limit") == "[6.6.6.6:6] at the limit"
+    cluster.publish(padded({**said, "n": 2, "text": "one over"}, 20001))
+    server.stderr.expect("20001 bytes, over 20000")
+    cluster.publish(padded({**said, "n": 3, "text": "still here"}, 100))
+    assert ann.expect("6.6.6.6:6") == "[6.6.6.6:6] still here"  # nothing between, no split
+
+
+def test_redis_max_message_must_hold_a_line() -> None:
+    done = subprocess.run(
+        python_script("chatroom_server.py", "--port", "0", "--redis-max-message", "5000"),
+        capture_output=True,
+        text=True,
+        timeout=WAIT_SECONDS,
+    )
+    assert done.returncode == 2
+    assert "--redis-max-message must hold a whole line: at least 13312 bytes" in done.stderr
 
 
 def test_redis_without_hiredis_says_how_to_install_it(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -788,8 +789,12 @@ def main() -> int:
                 tls = TlsFront.make(Path(folder))
                 _, results.tls["chatroom, TLS members"] = sweep(server, loadgen, plan.tls, tls)
         if "bridge" in chosen and "chatroom" in args.servers:
-            if shutil.which("redis-server") is None:
-                print("redis-server not found: the bridge scenario is skipped", file=sys.stderr)
+            if shutil.which("redis-server") is None or find_spec("hiredis") is None:
+                print(
+                    "redis-server or hiredis not found: the bridge scenario is skipped "
+                    "(apt-get install redis-server; pip install 'chatroom[redis]')",
+                    file=sys.stderr,
+                )
             else:
                 for count in BRIDGE_SERVERS:
                     results.bridge[count] = bridge_sweep(loadgen, plan.bridge, count)

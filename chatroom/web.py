@@ -45,6 +45,11 @@ _CLOSE_CODES = {
 
 _GET = b"GET "
 
+# The most an HTTP request may send before it is answered: Node's default header limit. A
+# browser's WebSocket handshake is about 1 KiB with cookies; the library alone would take up to
+# 128 header lines of 8 KiB each, a megabyte per connection before anything is answered.
+MAX_REQUEST_BYTES = 16 * 1024
+
 _INLINE = re.compile(rb"<(script|style)>(.*?)</\1>", re.DOTALL)
 
 
@@ -96,6 +101,7 @@ class WebCodec:
         self._ws = ServerProtocol(max_size=settings.max_message)
         self._heard_from = False  # a byte arrived: the request is under way
         self._opening = bytearray()  # the request's first bytes, until they say GET or not
+        self._request_bytes = 0  # received before the request was answered
         self._message: bytearray | None = None  # a fragmented text message, still arriving
         self._message_too_long = False  # the one arriving is over max_line: dropped as it comes
         # Whole messages not yet taken as lines, or the refusal a bad one gets.
@@ -109,19 +115,30 @@ class WebCodec:
 
     def receive(self, data: bytes) -> None:
         self._heard_from = True
-        if len(self._opening) < len(_GET):
-            self._opening += data[: len(_GET) - len(self._opening)]
-            if not _GET.startswith(bytes(self._opening)):
-                # The library parses GET only (older versions just close on another method).
-                response = self._ws.reject(405, "Only GET is served here.\n")
-                response.headers["Allow"] = "GET"
-                self._answer(response)
+        if self.status is None and self._refused_before_parsing(data):
+            return
         self._ws.receive_data(data)
         for event in self._ws.events_received():
             if isinstance(event, Request):
                 self._answer(self._response_to(event))
             elif isinstance(event, Frame):
                 self._take_frame(event)
+
+    def _refused_before_parsing(self, data: bytes) -> bool:
+        """Answers, and says so, a request that is not a GET or has grown too large to be
+        worth parsing: both are known before the library has a whole request."""
+        self._request_bytes += len(data)
+        self._opening += data[: len(_GET) - len(self._opening)]
+        if not _GET.startswith(bytes(self._opening)):
+            # The library parses GET only (older versions just close on another method).
+            response = self._ws.reject(405, "Only GET is served here.\n")
+            response.headers["Allow"] = "GET"
+        elif self._request_bytes > MAX_REQUEST_BYTES:
+            response = self._ws.reject(431, "Request too large.\n")
+        else:
+            return False
+        self._answer(response)
+        return True
 
     def _response_to(self, request: Request) -> Response:
         if request.path == "/":

@@ -259,3 +259,13 @@ def test_a_web_origin_must_be_an_origin(room: Room) -> None:
     )
     assert bad.wait_exit() == 2
     assert "is not an origin like https://chat.example" in "\n".join(bad.stderr.wait_ended())
+
+
+def test_an_http_request_over_16_kib_gets_431_and_a_close(room: Room) -> None:
+    port = room.server().port
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT_SECONDS) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\n" + (b"X-Padding: " + b"p" * 1000 + b"\r\n") * 20)
+        answer = b""
+        while data := sock.recv(65536):  # ends at the server's close
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 431 ")

@@ -275,6 +275,23 @@ def test_a_stalled_request_is_a_partial_line_so_the_line_deadline_cuts_it() -> N
     assert codec.encode(b"ERROR :Timeout: incomplete line\n") == b""  # no WebSocket yet
 
 
+def test_a_request_over_16_kib_is_answered_431_before_it_ends() -> None:
+    codec = WebCodec(settings(), secure=False)
+    header = b"X-Padding: " + b"p" * 1000 + b"\r\n"
+    answer = http(codec, b"GET / HTTP/1.1\r\n" + header * 17)  # 17 KiB, no blank line yet
+    assert answer.startswith(b"HTTP/1.1 431 ") and codec.ended
+    codec.receive(header * 100)  # whatever follows is not held
+    assert codec.take_output() == b""
+
+
+def test_a_request_of_almost_16_kib_is_served() -> None:
+    codec = WebCodec(settings(), secure=False)
+    padding = b"".join(b"X-Padding-%d: " % n + b"p" * 5300 + b"\r\n" for n in range(3))
+    request = get("/")[:-2] + padding + b"\r\n"  # header lines under the library's 8 KiB
+    assert 15 * 1024 < len(request) <= 16 * 1024
+    assert http(codec, request).startswith(b"HTTP/1.1 200 OK")
+
+
 def test_the_first_bytes_choose_lines_or_http() -> None:
     def choose(first: bytes) -> Codec:
         if protocol.looks_like_http(first):

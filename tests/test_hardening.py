@@ -614,7 +614,7 @@ def test_every_member_connection_has_tcp_keepalive(room: Room, server_no_flood: 
     for line in sockets:
         timer = re.search(r"timer:\(keepalive,(\d+)min", line)
         assert timer, line
-        assert int(timer.group(1)) < 5  # the first probe within 300 s of silence
+        assert int(timer.group(1)) <= 5  # the first probe within 300 s: ss shows 5min at first
 
 
 # The client

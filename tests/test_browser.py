@@ -232,6 +232,7 @@ def test_the_page_works_at_a_phone_width_with_the_keyboard_only(room: Room, page
     terminal = room.client(server.port)
     page = pages.open(f"http://127.0.0.1:{server.port}/", width=360, height=640)
     in_the_room(page)
+    shows(page, "Type a name in the Name box")  # no name remembered yet: it asks for one
     assert page.evaluate("document.documentElement.scrollWidth") <= 360  # no sideways scroll
     expect(page.locator("#text")).to_be_focused()
     page.keyboard.type("typed, never clicked")

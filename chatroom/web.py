@@ -159,7 +159,8 @@ class WebCodec:
             [
                 ("Date", email.utils.formatdate(usegmt=True)),
                 ("Connection", "close"),
-                ("Content-Type", "text/html; charset=utf-8"),
+                # Exactly the interface's type; the page declares UTF-8 in its first bytes.
+                ("Content-Type", "text/html"),
                 ("Content-Length", str(len(body))),
                 ("Content-Security-Policy", self._settings.csp),
                 ("X-Content-Type-Options", "nosniff"),

@@ -69,7 +69,7 @@ def join(ws: ClientConnection, name: str = "") -> str:
 def test_get_slash_is_the_page_and_other_paths_are_404_or_405(room: Room) -> None:
     port = room.server().port
     status, content_type, body = get(port, "/")
-    assert (status, content_type) == (200, "text/html; charset=utf-8")
+    assert (status, content_type) == (200, "text/html")
     assert b"<!doctype html>" in body and b"new WebSocket(" in body
     assert get(port, "/favicon.ico")[0] == 404
     assert get(port, "/", method="POST")[0] == 405

@@ -16,7 +16,7 @@ import email.utils
 import hashlib
 import re
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from websockets.datastructures import Headers
@@ -44,6 +44,7 @@ _CLOSE_CODES = {
 }
 
 _GET = b"GET "
+_ERROR_PREFIX = protocol.ERROR_PREFIX.encode()
 
 # The most an HTTP request may send before it is answered: Node's default header limit. A
 # browser's WebSocket handshake is about 1 KiB with cookies; the library alone would take up to
@@ -51,6 +52,30 @@ _GET = b"GET "
 MAX_REQUEST_BYTES = 16 * 1024
 
 _INLINE = re.compile(rb"<(script|style)>(.*?)</\1>", re.DOTALL)
+
+
+class SharedFrames:
+    """The text frames of the last share encoded. The fan-out hands every member of a turn the
+    same bytes object, and a server's frames are the same for every member (unmasked, with no
+    extension), so a share is framed once, not once per WebSocket member."""
+
+    __slots__ = ("_error", "_frames", "_lines")
+
+    def __init__(self) -> None:
+        self._lines: bytes | None = None  # the share last framed, held so its id stays its own
+        self._frames = b""  # its frames, one text message per line
+        self._error: str | None = None  # its last line's text, if that is an ERROR line
+
+    def frames_for(self, lines: bytes) -> tuple[bytes, str | None]:
+        """The frames for these lines (each ending in b"\n"), and the last one's error text."""
+        if lines is not self._lines:
+            split = lines.split(b"\n")[:-1]
+            frames = [Frame(Opcode.TEXT, line).serialize(mask=False) for line in split]
+            last = split[-1] if split else b""
+            error = last.startswith(_ERROR_PREFIX)
+            self._error = last[len(_ERROR_PREFIX) :].decode() if error else None
+            self._lines, self._frames = lines, b"".join(frames)
+        return self._frames, self._error
 
 
 @dataclass(frozen=True)
@@ -61,6 +86,7 @@ class WebSettings:
     csp: str  # its Content-Security-Policy: the hashes of its own inline script and style
     origins: tuple[str, ...]  # Origins allowed besides the page's own (--web-origin)
     max_line: int  # a message over this, counting a newline as a line would, is refused
+    frames: SharedFrames = field(default_factory=SharedFrames, compare=False)
 
     @property
     def max_message(self) -> int:
@@ -219,14 +245,13 @@ class WebCodec:
         return handshaking or self._message is not None
 
     def encode(self, lines: bytes) -> bytes:
-        """One text message per line; nothing unless the WebSocket is open."""
-        if self._ws.state is not State.OPEN or self._output_cut:
+        """One text message per line; nothing unless the WebSocket is open. The library frames
+        them (Frame.serialize), once per share for every member (SharedFrames): a text frame
+        from the server changes no state of the protocol's."""
+        if self._ws.state is not State.OPEN or self._output_cut or not lines:
             return b""
-        for line in lines.split(b"\n")[:-1]:
-            error = line.startswith(protocol.ERROR_PREFIX.encode())
-            self._last_error = line[len(protocol.ERROR_PREFIX) :].decode() if error else None
-            self._ws.send_text(line)
-        return self.take_output()
+        frames, self._last_error = self._settings.frames.frames_for(lines)
+        return self.take_output() + frames
 
     def take_output(self) -> bytes:
         chunks = self._ws.data_to_send()

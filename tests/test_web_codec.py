@@ -145,6 +145,17 @@ def test_each_server_line_is_one_text_message() -> None:
     ]
 
 
+def test_a_share_is_framed_once_and_each_member_reads_it_whole() -> None:
+    shared = settings()
+    browsers = [Browser(WebCodec(shared, secure=False)) for _ in range(3)]
+    share = b"[x] hi\nERROR :SendQ exceeded\n"
+    sent = [browser.codec.encode(share) for browser in browsers]
+    frames, error = shared.frames.frames_for(share)
+    assert sent == [frames] * 3 and error == "SendQ exceeded"
+    for browser, data in zip(browsers, sent):
+        assert [f.data for f in browser.take(data)] == [b"[x] hi", b"ERROR :SendQ exceeded"]
+
+
 @pytest.mark.parametrize(
     "origin",
     ["http://evil.example", "https://chat.example:7000", "http://chat.example:7001", "null"],

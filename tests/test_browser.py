@@ -56,9 +56,15 @@ class Pages:
         self._contexts: list[BrowserContext] = []
         self.errors: list[str] = []  # the pages' console errors and uncaught exceptions
 
-    def open(self, url: str, width: int = 900, height: int = 560) -> Page:
-        context = self._browser.new_context(viewport={"width": width, "height": height})
-        self._contexts.append(context)
+    def open(
+        self, url: str, width: int = 900, height: int = 560, beside: Page | None = None
+    ) -> Page:
+        """A page in a context of its own, or in beside's (another tab: the same storage)."""
+        if beside is None:
+            context = self._browser.new_context(viewport={"width": width, "height": height})
+            self._contexts.append(context)
+        else:
+            context = beside.context
         page = context.new_page()
         page.set_default_timeout(WAIT_MS)
         page.on("pageerror", lambda exc: self.errors.append(str(exc)))
@@ -255,3 +261,17 @@ def test_the_log_stops_following_when_the_reader_scrolls_up(room: Room, pages: P
     terminal.type_line("one more")
     shows(page, "one more")
     assert page.evaluate("document.getElementById('log').scrollTop") == 0
+
+
+def test_a_second_tab_with_the_same_remembered_name_still_joins(room: Room, pages: Pages) -> None:
+    server = room.server()
+    terminal = room.client(server.port)
+    url = f"http://127.0.0.1:{server.port}/"
+    first = pages.open(url)
+    in_the_room(first)
+    take_name(first, "erin")
+    second = pages.open(url, beside=first)  # remembers erin, which the first tab holds
+    in_the_room(second)
+    shows(second, "ERROR :Name taken: erin")
+    say(second, "from the second tab")
+    terminal.stdout.expect("from the second tab")

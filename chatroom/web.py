@@ -6,7 +6,8 @@ The library parses the HTTP request, checks the handshake and Origin, frames, un
 UTF-8, answers pings and closes; this module only decides what each request gets and maps
 messages to lines, one to one (IRCv3's WebSocket convention): each text message in is one client
 line, each server line out is one text message. GET / is the page (chatroom/page.html); a
-WebSocket upgrade on /ws joins the room; anything else is a small 404 or 405, then the end.
+WebSocket upgrade on /ws from an allowed Origin joins the room; anything else is a small
+answer (403, 404, 405, 426, 431), then the end. PROTOCOL.md has the whole mapping.
 """
 
 from __future__ import annotations

@@ -7,13 +7,18 @@
  * sender's messages arrive in order, that its own never come back, and counts deliveries.
  *
  * Speaks the chat protocol ("chat") or Redis pub/sub ("redis": members SUBSCRIBE, senders are
- * extra connections that PUBLISH). Prints one JSON object on stdout.
+ * extra connections that PUBLISH). In chat mode the last WEB_MEMBERS members (0 if not given)
+ * join as a browser does, over a WebSocket on /ws: an HTTP upgrade, then one masked text frame
+ * per line out and one text frame per line in (RFC 6455, the little of it a client needs);
+ * their deliveries and latency are also reported apart. Prints one JSON object on stdout.
  *
  * PORT may be a comma-separated list (servers sharing one room over Redis): member i joins
  * the server at port i mod N, and deliveries are also timed apart by whether the sender is
- * on the receiver's server ("same") or another ("cross").
+ * on the receiver's server ("same") or another ("cross"). WebSocket members name the first
+ * port in their Host header.
  *
  * usage: loadgen chat|redis HOST PORT[,PORT...] MEMBERS SENDERS RATE SECONDS MESSAGE_BYTES
+ *        [WEB_MEMBERS]
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -50,6 +55,7 @@ struct conn {
     int member;          /* member index, or -1 for a Redis publisher */
     int sender;          /* sender index, or -1 */
     int ready;           /* joined (chat: welcome seen; redis: subscribed) */
+    int web;             /* a WebSocket member: 1 while its upgrade is answered, 2 once open */
     char in[LINE_MAX_BYTES];
     size_t in_len;
     char *out;           /* bytes the kernel has not taken yet */
@@ -57,14 +63,19 @@ struct conn {
 };
 
 static enum mode mode;
-static int members, senders;
+static int members, senders, web_members;
+static char host_header[64];        /* HOST:PORT, for a WebSocket member's upgrade request */
 static struct conn *conns;
 static int nconns;
 static int epfd;
 static int32_t *last_seq;           /* [member * senders + sender] */
 static long long delivered, order_errors, echoes, ready_count, refused_count, dropped_notices;
-static long long hist[HIST_SIZE], hist_same[HIST_SIZE], hist_cross[HIST_SIZE];
-static long long delivered_same, delivered_cross;
+static long long web_delivered;     /* deliveries to WebSocket members, also in delivered */
+static long long delivered_same, delivered_cross;  /* by whether sender and receiver share a server */
+/* Latency of every delivery; of those to TCP and to WebSocket members apart; and of those
+ * from the receiver's own server and from another apart. */
+static long long hist[HIST_SIZE], tcp_hist[HIST_SIZE], web_hist[HIST_SIZE],
+    hist_same[HIST_SIZE], hist_cross[HIST_SIZE];
 static int nports = 1;  /* servers; member i is on server i % nports */
 static long long received_bytes_at;  /* when anything last arrived (setup quiet detection) */
 
@@ -163,6 +174,12 @@ static void handle_line(struct conn *c, char *line, long long now) {
         *last = seq;
         delivered++;
         record_latency(hist, now - due);
+        if (c->web) {
+            web_delivered++;
+            record_latency(web_hist, now - due);
+        } else {
+            record_latency(tcp_hist, now - due);
+        }
         if (sender % nports == c->member % nports) {  /* chat: sender s is member s */
             delivered_same++;
             record_latency(hist_same, now - due);
@@ -178,6 +195,69 @@ static void handle_line(struct conn *c, char *line, long long now) {
     }
 }
 
+/* One line as a client's text frame: masked, as RFC 6455 requires of a client, with the key
+ * 0 (XOR with zeros), since nothing here needs hiding from a proxy. */
+static void queue_frame(struct conn *c, int opcode, const char *data, size_t len) {
+    char frame[LINE_MAX_BYTES + 16];
+    size_t at = 0;
+    frame[at++] = (char)(0x80 | opcode);
+    if (len < 126) {
+        frame[at++] = (char)(0x80 | len);
+    } else {
+        frame[at++] = (char)(0x80 | 126);
+        frame[at++] = (char)(len >> 8);
+        frame[at++] = (char)(len & 0xff);
+    }
+    memset(frame + at, 0, 4);
+    at += 4;
+    memcpy(frame + at, data, len);
+    queue(c, frame, at + len);
+}
+
+/* Whole things in c->in: the upgrade's answer, then frames, each text frame one line.
+ * Returns how many bytes were used. */
+static size_t handle_web_bytes(struct conn *c, char *in, size_t len, long long now) {
+    size_t used = 0;
+    if (c->web == 1) {
+        char *crlf = memmem(in, len, "\r\n\r\n", 4);
+        if (!crlf) return 0;
+        if (strncmp(in, "HTTP/1.1 101", 12) != 0) {
+            c->in_len = 0;
+            return len;  /* refused: the server closes, and it counts as refused */
+        }
+        used = crlf + 4 - in;
+        c->web = 2;
+        queue_frame(c, 1, "!Join", 5);
+    }
+    while (len - used >= 2) {
+        unsigned char *f = (unsigned char *)in + used;
+        int opcode = f[0] & 0x0f;
+        size_t payload = f[1] & 0x7f, head = 2;
+        if (payload == 126) {
+            if (len - used < 4) break;
+            payload = (size_t)f[2] << 8 | f[3];
+            head = 4;
+        } else if (payload == 127) {
+            if (len - used < 10) break;
+            payload = 0;
+            for (int i = 2; i < 10; i++) payload = payload << 8 | f[i];
+            head = 10;
+        }
+        if (len - used < head + payload) break;
+        char *data = (char *)f + head;
+        if (opcode == 1) {
+            char saved = data[payload];
+            data[payload] = 0;
+            handle_line(c, data, now);
+            data[payload] = saved;
+        } else if (opcode == 9) {
+            queue_frame(c, 10, data, payload);  /* a ping: the pong carries its payload */
+        }
+        used += head + payload;
+    }
+    return used;
+}
+
 static int read_from(struct conn *c, long long now) {
     for (;;) {
         size_t room = sizeof c->in - c->in_len - 1;
@@ -187,6 +267,14 @@ static int read_from(struct conn *c, long long now) {
         received_bytes_at = now;
         c->in_len += n;
         c->in[c->in_len] = 0;
+        if (c->web) {
+            size_t used = handle_web_bytes(c, c->in, c->in_len, now);
+            c->in_len -= used;
+            memmove(c->in, c->in + used, c->in_len);
+            if (c->in_len == sizeof c->in - 1) c->in_len = 0;  /* an absurd frame: drop it */
+            if ((size_t)n < room) return 0;
+            continue;
+        }
         char *start = c->in, *nl;
         while ((nl = memchr(start, '\n', c->in + c->in_len - start))) {
             *nl = 0;
@@ -232,6 +320,14 @@ static void open_conn(struct conn *c, struct sockaddr_in *addr) {
     if (c->member < 0) {
         c->ready = 1;  /* a Redis publisher needs no setup */
         ready_count++;
+    } else if (c->web) {
+        char upgrade[512];
+        int len = snprintf(upgrade, sizeof upgrade,
+                           "GET /ws HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\n"
+                           "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                           "Sec-WebSocket-Version: 13\r\n\r\n",
+                           host_header);
+        queue(c, upgrade, len);
     } else if (mode == CHAT) {
         queue(c, "!Join\n", 6);
     } else {
@@ -263,10 +359,10 @@ static double cpu_seconds(void) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 9) {
+    if (argc != 9 && argc != 10) {
         fprintf(stderr,
                 "usage: loadgen chat|redis HOST PORT[,PORT...] MEMBERS SENDERS RATE SECONDS "
-                "BYTES\n");
+                "BYTES [WEB_MEMBERS]\n");
         return 2;
     }
     mode = strcmp(argv[1], "redis") == 0 ? REDIS : CHAT;
@@ -283,6 +379,9 @@ int main(int argc, char **argv) {
     double rate = atof(argv[6]);
     double seconds = atof(argv[7]);
     int size = atoi(argv[8]);
+    web_members = argc == 10 && mode == CHAT ? atoi(argv[9]) : 0;
+    if (web_members > members - senders) web_members = members - senders;  /* senders: TCP */
+    snprintf(host_header, sizeof host_header, "%s:%s", argv[2], argv[3]);
 
     /* Chat: the first SENDERS members send. Redis: SENDERS extra publisher connections. */
     nconns = members + (mode == REDIS ? senders : 0);
@@ -294,6 +393,7 @@ int main(int argc, char **argv) {
         conns[i].fd = -1;
         conns[i].member = i < members ? i : -1;
         conns[i].sender = mode == CHAT ? (i < senders ? i : -1) : (i >= members ? i - members : -1);
+        conns[i].web = i < members && i >= members - web_members;
     }
 
     /* Join, CONNECT_WINDOW at a time, and time it. */
@@ -345,12 +445,18 @@ int main(int argc, char **argv) {
            "\"delivered\": %lld, \"order_errors\": %lld, \"echoes\": %lld, "
            "\"dropped_slow\": %lld, \"p50_ms\": %.3f, \"p99_ms\": %.3f, \"max_late_ms\": %.1f, "
            "\"wall_seconds\": %.3f, \"cpu_seconds\": %.3f, \"saturated\": %s, "
+           "\"tcp_p50_ms\": %.3f, \"tcp_p99_ms\": %.3f, "
+           "\"web_members\": %d, \"web_expected\": %lld, \"web_delivered\": %lld, "
+           "\"web_p50_ms\": %.3f, \"web_p99_ms\": %.3f, "
            "\"same_delivered\": %lld, \"same_p50_ms\": %.3f, \"same_p99_ms\": %.3f, "
            "\"cross_delivered\": %lld, \"cross_p50_ms\": %.3f, \"cross_p99_ms\": %.3f}\n",
            ready_count, join_seconds, k, k * receivers, delivered, order_errors, echoes,
-           dropped_notices, percentile_ms(hist, 0.50), percentile_ms(hist, 0.99),
-           max_late / 1e6, wall, cpu, (cpu / wall > 0.9 || max_late > LATE_NS) ? "true" : "false",
-           delivered_same, percentile_ms(hist_same, 0.50), percentile_ms(hist_same, 0.99),
-           delivered_cross, percentile_ms(hist_cross, 0.50), percentile_ms(hist_cross, 0.99));
+           dropped_notices, percentile_ms(hist, 0.50), percentile_ms(hist, 0.99), max_late / 1e6,
+           wall, cpu, (cpu / wall > 0.9 || max_late > LATE_NS) ? "true" : "false",
+           percentile_ms(tcp_hist, 0.50), percentile_ms(tcp_hist, 0.99), web_members,
+           k * web_members, web_delivered, percentile_ms(web_hist, 0.50),
+           percentile_ms(web_hist, 0.99), delivered_same, percentile_ms(hist_same, 0.50),
+           percentile_ms(hist_same, 0.99), delivered_cross, percentile_ms(hist_cross, 0.50),
+           percentile_ms(hist_cross, 0.99));
     return 0;
 }

@@ -12,11 +12,13 @@ comes from Debian's packages (apt-get install redis-server) and is skipped, with
 where redis-server is missing. The tls scenario is fan-out with every member on TLS: stunnel4
 (client mode, on the load generator's CPU, as the members' side of TLS) sits between the load
 generator and our server, which runs with --require-tls; it is skipped where stunnel4 or
-openssl is missing. The bridge scenario is one room spread over 1, 2 and 3 of our servers
-sharing one redis-server (--redis), all on the server's CPU, members dealt round the servers;
-deliveries are timed apart by whether sender and receiver share a server. Prints a Markdown
-report and writes it, with one picture per scenario (matplotlib), to bench/results/
-(bench/results/quick/ for --quick); BENCHMARKS.md holds one full run.
+openssl is missing. The fan-out scenario runs our server a second time with half its members
+on WebSocket (the load generator speaks the framing), reporting their deliveries and latency
+beside the TCP members' of the same run. The bridge scenario is one room spread over 1, 2 and
+3 of our servers sharing one redis-server (--redis), all on the server's CPU, members dealt
+round the servers; deliveries are timed apart by whether sender and receiver share a server.
+Prints a Markdown report and writes it, with one picture per scenario (matplotlib), to
+bench/results/ (bench/results/quick/ for --quick); BENCHMARKS.md holds one full run.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ SCALE_SENDERS, SCALE_RATE = 1, 10.0  # the scale scenario: one member sends 10 m
 # Servers whose join time is also measured at smaller rooms, for the scale picture: ours and
 # the C server beside it (the Python peers do not join 10,000 at all).
 SCALE_SWEPT = ("chatroom", "redis")
+WEB_SHARE = 2  # in the fan-out scenario's WebSocket run, one member in this many is a browser
 Result = dict[str, Any]
 
 
@@ -158,6 +161,7 @@ class Results:
     scale_sizes: dict[str, list[Result]] = field(default_factory=dict)  # smaller rooms, and it
     overload: dict[str, Result] = field(default_factory=dict)
     tls: dict[str, list[Result]] = field(default_factory=dict)  # fan-out with TLS members
+    web: dict[str, list[Result]] = field(default_factory=dict)  # fan-out, half on WebSocket
     bridge: dict[int, list[Result]] = field(default_factory=dict)  # by number of servers
 
 
@@ -284,13 +288,21 @@ class Running:
                 time.sleep(0.05)
 
     def load(
-        self, loadgen: Path, members: int, senders: int, rate: float, seconds: float
+        self,
+        loadgen: Path,
+        members: int,
+        senders: int,
+        rate: float,
+        seconds: float,
+        web_members: int = 0,
     ) -> Result:
-        """Runs the load generator once and adds the server's CPU and memory to its report."""
+        """Runs the load generator once and adds the server's CPU and memory to its report;
+        web_members of the members join over WebSocket."""
         cpu_before, started = cpu_seconds(self.proc.pid), time.monotonic()
         overflows_before = listen_overflows()
         command = [str(loadgen), self.server.mode, "127.0.0.1", str(self.port)]
         command += [str(members), str(senders), f"{rate:g}", f"{seconds:g}", "64"]
+        command += [str(web_members)]
         try:
             done = subprocess.run(
                 pinned(LOADGEN_CPU, command),
@@ -459,23 +471,39 @@ def bridge_table(plan: Sweep, points: dict[int, list[Result]]) -> list[str]:
     return [*lines, ""]
 
 
-def measure(server: Server, loadgen: Path, *load: Any, tls: TlsFront | None = None) -> Result:
+def measure(
+    server: Server,
+    loadgen: Path,
+    members: int,
+    senders: int,
+    rate: float,
+    seconds: float,
+    tls: TlsFront | None = None,
+    web_members: int = 0,
+) -> Result:
     running = Running(server, tls)
     try:
-        return running.load(loadgen, *load)
+        return running.load(loadgen, members, senders, rate, seconds, web_members)
     finally:
         running.stop()
 
 
 def sweep(
-    server: Server, loadgen: Path, plan: Sweep, tls: TlsFront | None = None
+    server: Server,
+    loadgen: Path,
+    plan: Sweep,
+    tls: TlsFront | None = None,
+    web_members: int = 0,
 ) -> tuple[Result | None, list[Result]]:
     """Tries each rate until one fails; gives the highest that passed and every point."""
     best, points = None, []
+    load = (plan.members, plan.senders)
     for rate in plan.rates:
-        point = measure(server, loadgen, plan.members, plan.senders, rate, plan.seconds, tls=tls)
+        point = measure(
+            server, loadgen, *load, rate, plan.seconds, tls=tls, web_members=web_members
+        )
         points.append(point)
-        log(server.name, plan.name + (" tls" if tls else ""), point)
+        log(server.name, plan.name + (" tls" if tls else " web" if web_members else ""), point)
         if not point["passed"]:
             break
         best = point
@@ -584,6 +612,29 @@ def sweep_table(title: str, points: dict[str, list[Result]]) -> list[str]:
     return [*lines, ""]
 
 
+def web_table(title: str, points: dict[str, list[Result]]) -> list[str]:
+    """Each run's WebSocket members beside its TCP members, at its highest passing rate."""
+    lines = [
+        f"### {title}",
+        "",
+        "| run | rate (msg/s) | members | TCP p50 ms | TCP p99 ms | WebSocket delivered "
+        "| WebSocket p50 ms | WebSocket p99 ms | server CPU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, tried in points.items():
+        best = best_passing(tried)
+        members = "—" if best is None else f"{best['members'] - best['web_members']:,} TCP"
+        members += "" if best is None else f" + {best['web_members']:,} WebSocket"
+        delivered = "—" if best is None else f"{best['web_delivered']:,}/{best['web_expected']:,}"
+        lines.append(
+            f"| {name} | {cell(best, 'rate')} | {members} "
+            f"| {cell(best, 'tcp_p50_ms', '{:.2f}')} | {cell(best, 'tcp_p99_ms', '{:.2f}')} "
+            f"| {delivered} | {cell(best, 'web_p50_ms', '{:.2f}')} "
+            f"| {cell(best, 'web_p99_ms', '{:.2f}')} | {cell(best, 'server_cpu_pct', '{:.0f}%')} |"
+        )
+    return [*lines, ""]
+
+
 def best_passing(points: list[Result]) -> Result | None:
     """The highest rate that passed: the sweep stops at the first that fails."""
     passed = [point for point in points if point["passed"]]
@@ -664,6 +715,12 @@ def report(command: str, plan: Plan, results: Results) -> str:
             "64-byte messages"
         )
         lines += sweep_table(title, results.fan_out)
+    if results.web:
+        title = (
+            f"Fan-out to WebSocket members: {plan.fan_out.members:,} members, one in {WEB_SHARE} "
+            "a browser (the load generator speaks the framing)"
+        )
+        lines += web_table(title, results.web)
     if results.chatty:
         lines += sweep_table(
             f"Chatty room: {plan.chatty.members} members, all sending", results.chatty
@@ -772,6 +829,11 @@ def main() -> int:
         for server in servers:
             if "fan-out" in chosen:
                 _, results.fan_out[server.name] = sweep(server, loadgen, plan.fan_out)
+            if "fan-out" in chosen and server.name == "chatroom":
+                web_members = plan.fan_out.members // WEB_SHARE
+                _, results.web["chatroom, WebSocket and TCP"] = sweep(
+                    server, loadgen, plan.fan_out, web_members=web_members
+                )
             if "chatty" in chosen:
                 _, results.chatty[server.name] = sweep(server, loadgen, plan.chatty)
             if "scale" in chosen:

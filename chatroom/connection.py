@@ -1,15 +1,16 @@
 """One peer's transport: bytes in and out of its socket, its framing, its output queue and
 the clocks of every limit on it. It knows nothing of what a line means or of the room.
 
-A codec turns received bytes into lines and lines into bytes: plain text lines (LineCodec), or
-TLS around them (chatroom.tls.TlsCodec); nothing above the codec knows which.
+A codec turns received bytes into lines and lines into bytes: plain text lines (LineCodec), a
+WebSocket (chatroom.web.WebCodec), either of them under TLS (chatroom.tls.TlsCodec); nothing
+above the codec knows which.
 """
 
 from __future__ import annotations
 
 import enum
 import socket
-from typing import Protocol
+from typing import Callable, Protocol
 
 from chatroom import protocol
 from chatroom.limits import Limits, TokenBucket
@@ -47,7 +48,23 @@ class Codec(Protocol):
         that what follows it can be read (the rest of a line half sent)."""
 
     def closing_bytes(self) -> bytes:
-        """What goes out last, before our side of the stream is shut (TLS' close_notify)."""
+        """What goes out last, before our side of the stream is shut (TLS' close_notify, a
+        WebSocket close frame)."""
+
+    @property
+    def ended(self) -> bool:
+        """It has said all it will (an HTTP answer given, a WebSocket closed): the connection
+        closes once its output is out."""
+
+    @property
+    def keeps_alive(self) -> bool:
+        """It can ping the peer (an open WebSocket): the server times the answers."""
+
+    def ping(self) -> bytes:
+        """The bytes of a ping; awaiting_pong is True until the peer answers it."""
+
+    @property
+    def awaiting_pong(self) -> bool: ...
 
 
 class LineCodec(protocol.LineBuffer):
@@ -57,6 +74,14 @@ class LineCodec(protocol.LineBuffer):
     __slots__ = ()
 
     receive = protocol.LineBuffer.feed
+    # Plain lines have no end of their own but the stream's, and no ping: TCP keepalive
+    # finds a vanished peer, and a quiet member is not idle-timed out.
+    ended = False
+    keeps_alive = False
+    awaiting_pong = False
+
+    def ping(self) -> bytes:
+        return b""
 
     def encode(self, lines: bytes) -> bytes:
         return lines
@@ -71,6 +96,96 @@ class LineCodec(protocol.LineBuffer):
         return b""
 
 
+class AnswerOnce:
+    """A fixed answer, then the end: what an HTTP request gets when the web extra is missing."""
+
+    __slots__ = ("_answer", "ended")
+
+    def __init__(self, answer: bytes) -> None:
+        self._answer = answer  # not yet taken
+        self.ended = False  # the answer is taken: close once it is out
+
+    def receive(self, data: bytes) -> None:
+        pass  # the request is not read: whatever it asks, the answer is the same
+
+    def next_line(self) -> bytes | None:
+        return None
+
+    has_partial_line = False
+    keeps_alive = False
+    awaiting_pong = False
+
+    def encode(self, lines: bytes) -> bytes:
+        return b""  # lines are not HTTP: an error line cannot follow the answer
+
+    def take_output(self) -> bytes:
+        answer, self._answer = self._answer, b""
+        self.ended = True
+        return answer
+
+    def kept_when_discarding(self, queued: bytearray) -> int:
+        return 0
+
+    def closing_bytes(self) -> bytes:
+        return b""
+
+    def ping(self) -> bytes:
+        return b""
+
+
+class ChosenByFirstBytes:
+    """A codec chosen by the first bytes it receives: under TLS, only the first plaintext
+    says whether the peer speaks lines or HTTP. Until then it is a codec with nothing to say."""
+
+    __slots__ = ("_choose", "chosen")
+
+    def __init__(self, choose: Callable[[bytes], Codec]) -> None:
+        self._choose = choose  # the first bytes → the codec for them
+        self.chosen: Codec | None = None  # None until the first bytes arrive
+
+    def receive(self, data: bytes) -> None:
+        if self.chosen is None:
+            if not data:
+                return
+            self.chosen = self._choose(data)
+        self.chosen.receive(data)
+
+    def next_line(self) -> bytes | None:
+        return None if self.chosen is None else self.chosen.next_line()
+
+    @property
+    def has_partial_line(self) -> bool:
+        return self.chosen is not None and self.chosen.has_partial_line
+
+    def encode(self, lines: bytes) -> bytes:
+        # Before the peer has spoken, lines go out as lines (the join deadline's error line).
+        return lines if self.chosen is None else self.chosen.encode(lines)
+
+    def take_output(self) -> bytes:
+        return b"" if self.chosen is None else self.chosen.take_output()
+
+    def kept_when_discarding(self, queued: bytearray) -> int:
+        return 0 if self.chosen is None else self.chosen.kept_when_discarding(queued)
+
+    def closing_bytes(self) -> bytes:
+        return b"" if self.chosen is None else self.chosen.closing_bytes()
+
+    @property
+    def ended(self) -> bool:
+        return self.chosen is not None and self.chosen.ended
+
+    @property
+    def keeps_alive(self) -> bool:
+        return self.chosen is not None and self.chosen.keeps_alive
+
+    def ping(self) -> bytes:
+        return b"" if self.chosen is None else self.chosen.ping()
+
+    @property
+    def awaiting_pong(self) -> bool:
+        return self.chosen is not None and self.chosen.awaiting_pong
+
+
 class Deadline(enum.Enum):
     """What is due when one of a connection's clocks runs out."""
 
@@ -82,6 +197,8 @@ class Deadline(enum.Enum):
     LINE = "a line unfinished too long"
     SOFT_LIMIT = "its output queue over the soft limit too long"
     WRITE_STALL = "no byte of its queued output taken too long"
+    PING = "time to ping it (a WebSocket)"
+    PONG = "its answer to our ping is overdue"
 
 
 class Connection:
@@ -108,6 +225,8 @@ class Connection:
         "partial_line_since",
         "password_refused_at",
         "peer_id",
+        "ping_at",
+        "pong_by",
         "reading",
         "sock",
         "watching_writes",
@@ -151,6 +270,8 @@ class Connection:
         self.lingering = False  # our side is shut down; discarding input until the peer's EOF
         self.closed = False  # closed at the end of this turn; gets no more output
         self.check_at: float | None = None  # when the timer heap next looks at its deadlines
+        self.ping_at: float | None = None  # its codec pings: the next ping is due then
+        self.pong_by: float | None = None  # a ping is out: the peer must answer by then
 
     @property
     def leaving(self) -> bool:
@@ -232,6 +353,8 @@ class Connection:
             (_after(self.partial_line_since, limits.line_timeout), Deadline.LINE),
             (_after(self.over_soft_limit_since, limits.sendq_soft_seconds), Deadline.SOFT_LIMIT),
             (_after(self.write_stalled_since, limits.write_timeout), Deadline.WRITE_STALL),
+            (self.ping_at, Deadline.PING),
+            (self.pong_by, Deadline.PONG),
         ]
         due = [(when, what) for when, what in candidates if when is not None]
         return min(due, key=lambda deadline: deadline[0]) if due else None

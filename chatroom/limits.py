@@ -58,6 +58,11 @@ class Limits:
     join_timeout: float = 60.0
     # A line must end within this long of its first byte: slow-loris (Solanum 30 s, Node 40 s).
     line_timeout: float = 30.0
+    # A WebSocket member is pinged after this long without one, and must answer within the
+    # timeout (websockets' own defaults, 20 s and 20 s): a browser tab whose machine slept or
+    # whose Wi-Fi dropped is found in under a minute, long before TCP keepalive would notice.
+    web_ping_interval: float = 20.0
+    web_ping_timeout: float = 20.0
 
 
 class TokenBucket:

@@ -54,6 +54,8 @@ ERROR_PASSWORD_REQUIRED = f"Password required: send {PASS} PASSWORD first"
 ERROR_WRONG_PASSWORD = "Wrong password"
 ERROR_TOO_MANY_WRONG_PASSWORDS = "Too many wrong passwords, try again later"
 ERROR_TLS_REQUIRED = "TLS required: connect with TLS (chatroom-client --tls)"
+ERROR_LINE_BREAK = "Line break inside a message: send one line per message"
+ERROR_PING_TIMEOUT = "Ping timeout"
 ERROR_INVALID_NAME = "Invalid name: 1 to 16 ASCII letters, digits, _ or -, a letter first"
 USAGE_NICK = "Usage: /nick NAME"
 USAGE_MSG = "Usage: /msg TARGET TEXT (TARGET: a name or IP:PORT)"
@@ -88,6 +90,19 @@ def server_full_error(max_members: int) -> str:
     return f"Server full (max {max_members} members)"
 
 
+# The whole answer to an HTTP request when the web extra (websockets) is not installed: fixed
+# bytes, so the terminal core needs no HTTP library to tell a browser how to turn the page on.
+_WEB_MISSING_TEXT = (
+    b"This chat server has no web page yet: its operator can add it with\n"
+    b"    python -m pip install 'chatroom[web]'\n"
+)
+WEB_MISSING_RESPONSE = (
+    b"HTTP/1.1 501 Not Implemented\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\n"
+    b"Connection: close\r\n\r\n%s" % (len(_WEB_MISSING_TEXT), _WEB_MISSING_TEXT)
+)
+
 REASON_QUIT = "quit"
 REASON_CLOSED = "connection closed"
 REASON_LOST = "connection lost"
@@ -100,12 +115,24 @@ class RemoteProtocolError(Exception):
     """The peer sent bytes that break the protocol: its fault, never a reason to crash."""
 
 
-class LineTooLong(RemoteProtocolError):
+class LineRefused(RemoteProtocolError):
+    """A line the server will not take: the peer is sent the text as an error line and stays."""
+
+
+class LineTooLong(LineRefused):
     """A line ran past the limit; the buffer discards the rest of it and goes on."""
 
     def __init__(self, max_line: int) -> None:
         super().__init__(f"Line too long (max {max_line} bytes)")
         self.max_line = max_line
+
+
+class LineBreakInMessage(LineRefused):
+    """A WebSocket text message held a line break: each message is exactly one line, so a
+    second line hidden inside one is refused whole, never split or relayed in part."""
+
+    def __init__(self) -> None:
+        super().__init__(ERROR_LINE_BREAK)
 
 
 class LineBuffer:
@@ -182,6 +209,12 @@ def looks_like_tls(first_bytes: bytes) -> bool:
     """True if a connection opens with a TLS handshake record (content type 22, version 3.x):
     a ClientHello, which a server with a certificate answers over TLS on the same port."""
     return first_bytes[:2] == b"\x16\x03"
+
+
+def looks_like_http(first_bytes: bytes) -> bool:
+    """True if a connection opens with an HTTP request line: a browser, served by the web
+    codec (chatroom.web) on the same port."""
+    return _HTTP_REQUEST.match(first_bytes) is not None
 
 
 def looks_like_another_protocol(first_bytes: bytes) -> bool:

@@ -5,6 +5,7 @@ the listener opened, logging set up) and its one line on stdout. The loop is cha
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import re
 import resource
@@ -19,7 +20,7 @@ from typing import Callable
 from chatroom import bridge, cli, protocol, tls
 from chatroom.limits import Limits
 from chatroom.room import HISTORY_LINES
-from chatroom.server import DEFAULT_LIMITS, FD_RESERVE, ChatServer
+from chatroom.server import DEFAULT_LIMITS, FD_RESERVE, ChatServer, WebCodecFactory
 
 log = logging.getLogger("chatroom.server")
 
@@ -82,6 +83,8 @@ def open_listener(host: str, port: int) -> socket.socket:
     return socket.create_server((host, port), backlog=LISTEN_BACKLOG)
 
 
+_ORIGIN = re.compile(r"https?://[^/\s]+")
+
 _BYTES = cli.int_in_range(1, 1 << 40)
 _SECONDS = cli.float_in_range(0.01, 1e9)
 _COUNT = cli.int_in_range(1, 1 << 30)
@@ -114,7 +117,33 @@ LIMIT_FLAGS: list[tuple[str, Callable[[str], object], str, str]] = [
      "IPv6 addresses are counted against --max-per-ip by network of this prefix length"),
     ("--join-timeout", _SECONDS, "SECONDS", "a connection must send !Join within this"),
     ("--line-timeout", _SECONDS, "SECONDS", "a line must end within this of its first byte"),
+    ("--web-ping-interval", _SECONDS, "SECONDS",
+     "a WebSocket member is pinged after this long without a ping"),
+    ("--web-ping-timeout", _SECONDS, "SECONDS",
+     "a WebSocket member that does not answer a ping within this is dropped"),
 ]  # fmt: skip
+
+
+def web_origin(text: str) -> str:
+    """An Origin as a browser sends it, scheme://host[:port]: lowercase, no path (a trailing
+    slash, as people type it, is dropped)."""
+    origin = text.strip().lower().rstrip("/")
+    if not _ORIGIN.fullmatch(origin):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an origin like https://chat.example")
+    return origin
+
+
+def web_codec_factory(origins: tuple[str, ...], max_line: int) -> WebCodecFactory | None:
+    """The web codec with its settings, or None (and one log line) without the web extra."""
+    try:
+        from chatroom import web
+    except ImportError as exc:
+        log.warning(
+            "no browser page: %s; an HTTP request is told to python -m pip install 'chatroom[web]'",
+            exc,
+        )
+        return None
+    return functools.partial(web.WebCodec, web.load_settings(origins, max_line))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -204,6 +233,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the queue of lines to Redis; past it lines for other servers are dropped "
         "(default: %(default)s)",
     )
+    web = parser.add_argument_group("the browser page (see README.md)")
+    web.add_argument(
+        "--web-origin",
+        action="append",
+        type=web_origin,
+        default=[],
+        metavar="ORIGIN",
+        help="a page at this origin (scheme://host[:port]) may open the room's WebSocket too; "
+        "repeatable. The room's own page always may, and no other (default: none)",
+    )
     logs = parser.add_argument_group("logging (on stderr)")
     logs.add_argument(
         "--log-level",
@@ -242,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    # websockets logs every handshake at info; the server's own lines say what matters.
+    logging.getLogger("websockets").setLevel(max(logging.WARNING, LOG_LEVELS[args.log_level]))
     limits = Limits(**{field.name: getattr(args, field.name) for field in fields(Limits)})
     tls_context = None
     if args.tls_cert is not None:
@@ -270,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         where = protocol.format_member_id(args.host, args.port)
         return cli.fail(PROG, f"cannot listen on {where}: {cli.describe(exc)}")
+    web_codec = web_codec_factory(tuple(args.web_origin), limits.max_line)
     open_files = raise_open_files_limit(limits.max_members + limits.max_unjoined + FD_RESERVE)
     # A new id at every start: a server that comes back is a new server to the others, whose
     # old members they have already seen leave.
@@ -281,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         tls_context=tls_context,
         require_tls=args.require_tls,
         password=args.password,
+        web=web_codec,
         server_id=server_id,
     )
     if server_id is not None:

@@ -26,7 +26,15 @@ from types import FrameType
 from typing import TYPE_CHECKING, Callable, ClassVar
 
 from chatroom import bridge, cli, protocol, tls
-from chatroom.connection import RECV_SIZE, Connection, Deadline, LineCodec
+from chatroom.connection import (
+    RECV_SIZE,
+    AnswerOnce,
+    ChosenByFirstBytes,
+    Codec,
+    Connection,
+    Deadline,
+    LineCodec,
+)
 from chatroom.fanout import Fanout
 from chatroom.limits import LOOPBACK, Limits, PasswordFailures, address_key
 from chatroom.room import HISTORY_LINES, Joined, Left, Output, Room, Share, ToMembers, ToPeer
@@ -80,6 +88,10 @@ SHUTDOWN_GRACE_SECONDS = 1.0
 
 Clock = Callable[[], float]
 
+# The web codec for a connection, given whether it is under TLS (chatroom.web.WebCodec with the
+# server's settings); None when the web extra is not installed.
+WebCodecFactory = Callable[[bool], Codec]
+
 
 class ChatServer:
     """The loop: accepts, selects, keeps time and glues each connection to the room."""
@@ -94,9 +106,11 @@ class ChatServer:
         tls_context: ssl.SSLContext | None = None,
         require_tls: bool = False,
         password: str | None = None,
+        web: WebCodecFactory | None = None,
         server_id: str | None = None,
     ) -> None:
         self._listener = listener
+        self._web = web  # None: an HTTP request is answered with how to add the web extra
         self._tls_context = tls_context  # None: a TLS handshake is another protocol, refused
         self._require_tls = require_tls  # a plain connection is refused once it speaks
         self._password = password  # None: the room asks for none
@@ -348,6 +362,9 @@ class ChatServer:
                 return
             self._send_bytes(conn, conn.codec.take_output())
             self._handle_lines(conn)
+            self._time_pings(conn)
+            if conn.codec.ended:
+                self._exchange_over(conn)
 
     @staticmethod
     def _may_handshake(conn: Connection) -> bool:
@@ -358,11 +375,15 @@ class ChatServer:
 
     def _opening_accepted(self, conn: Connection, first_bytes: bytes) -> bool:
         """Looks at a connection's first bytes: a TLS handshake, when the server has a
-        certificate, puts TLS under its line codec; another protocol, or plain text under
-        --require-tls, gets one error line and the connection is closed."""
+        certificate, puts TLS under the codec its first plaintext chooses; an HTTP request goes
+        to the web codec; another protocol, or plain text under --require-tls, gets one error
+        line and the connection is closed."""
         if self._tls_context is not None and protocol.looks_like_tls(first_bytes):
-            assert isinstance(conn.codec, LineCodec)
-            conn.codec = tls.TlsCodec(self._tls_context, conn.codec)
+            inner = ChosenByFirstBytes(lambda plaintext: self._codec_for(plaintext, secure=True))
+            conn.codec = tls.TlsCodec(self._tls_context, inner)
+            return True
+        if protocol.looks_like_http(first_bytes) and not self._require_tls:
+            conn.codec = self._codec_for(first_bytes, secure=False)
             return True
         if protocol.looks_like_another_protocol(first_bytes):
             error, why = protocol.ERROR_WRONG_PROTOCOL, "another protocol"
@@ -372,6 +393,32 @@ class ChatServer:
             return True
         self._close_with_error(conn, error, protocol.REASON_CLOSED, why)
         return False
+
+    def _codec_for(self, first_bytes: bytes, secure: bool) -> Codec:
+        """Lines, or HTTP (the web codec, or the answer that says how to add it)."""
+        if not protocol.looks_like_http(first_bytes):
+            return LineCodec(self._limits.max_line)
+        if self._web is None:
+            return AnswerOnce(protocol.WEB_MISSING_RESPONSE)
+        return self._web(secure)
+
+    def _time_pings(self, conn: Connection) -> None:
+        """A codec that pings (an open WebSocket): the next ping is timed once the last one is
+        answered; the first once it opens."""
+        codec = conn.codec
+        if conn.pong_by is not None and not codec.awaiting_pong:
+            conn.pong_by = None
+        if conn.ping_at is None and conn.pong_by is None and codec.keeps_alive and not conn.done:
+            conn.ping_at = self._clock() + self._limits.web_ping_interval
+            self._arm(conn, conn.ping_at)
+
+    def _exchange_over(self, conn: Connection) -> None:
+        """Its codec has ended the exchange (an HTTP answer sent, a WebSocket closed): it
+        leaves, as after an end of stream, once its last bytes are out."""
+        if not conn.done:
+            log.debug("%s: exchange over", conn.peer_id)
+            self._act_on(self._room.leave(conn.peer_id, protocol.REASON_CLOSED, self._wall_clock()))
+            self._finish(conn)
 
     def _tls_failed(self, conn: Connection, exc: tls.TlsError) -> None:
         """A broken handshake, garbage, a renegotiation: one log line, the alert if TLS has
@@ -409,8 +456,8 @@ class ChatServer:
                     return
             try:
                 line = conn.codec.next_line()
-            except protocol.LineTooLong as exc:
-                log.info("%s sent a line over %d bytes", conn.peer_id, exc.max_line)
+            except protocol.LineRefused as exc:
+                log.info("refusing a line from %s: %s", conn.peer_id, exc)
                 self._tell(conn, protocol.error_line(str(exc)))
                 line = None  # it costs a token all the same
             else:
@@ -837,6 +884,16 @@ class ChatServer:
     def _write_stalled(self, conn: Connection) -> None:
         self._drop_slow(conn, f"no byte written for {self._limits.write_timeout:g} s")
 
+    def _ping(self, conn: Connection) -> None:
+        conn.ping_at = None
+        if conn.codec.keeps_alive:
+            self._send_bytes(conn, conn.codec.ping())
+            conn.pong_by = self._clock() + self._limits.web_ping_timeout
+
+    def _pong_late(self, conn: Connection) -> None:
+        why = f"no answer to a ping within {self._limits.web_ping_timeout:g} s"
+        self._close_with_error(conn, protocol.ERROR_PING_TIMEOUT, protocol.REASON_TIMEOUT, why)
+
     def _give_up_on(self, conn: Connection) -> None:
         log.info("closing %s: its last line not taken or no EOF in time", conn.peer_id)
         self._schedule_close(conn)
@@ -850,6 +907,8 @@ class ChatServer:
         Deadline.LINE: _line_unfinished,
         Deadline.SOFT_LIMIT: _soft_too_long,
         Deadline.WRITE_STALL: _write_stalled,
+        Deadline.PING: _ping,
+        Deadline.PONG: _pong_late,
     }
 
     def shut_down(self) -> None:

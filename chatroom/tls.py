@@ -1,10 +1,11 @@
 """TLS for the chat room: a codec that runs TLS inside the selectors loop, and the contexts and
 certificate fingerprints both programs need.
 
-The codec is a layer between the socket and the line codec, as asyncio's sslproto is between
-transport and protocol: ciphertext from the socket goes into an incoming ssl.MemoryBIO, the
-SSLObject decrypts it, and the plaintext goes to the line codec; lines for the peer go into
-the SSLObject and come out of the outgoing MemoryBIO as ciphertext, for the connection's queue.
+The codec is a layer between the socket and the codec of the plaintext (lines, or the web
+codec's HTTP and WebSocket), as asyncio's sslproto is between transport and protocol: ciphertext
+from the socket goes into an incoming ssl.MemoryBIO, the SSLObject decrypts it, and the plaintext
+goes to the inner codec; what the inner codec has for the peer goes into the SSLObject and comes
+out of the outgoing MemoryBIO as ciphertext, for the connection's queue.
 It does no I/O, so the loop (and a test) drives it the way it drives plain lines.
 """
 
@@ -16,8 +17,12 @@ import hmac
 import re
 import socket
 import ssl
+from typing import TYPE_CHECKING
 
 from chatroom import protocol
+
+if TYPE_CHECKING:
+    from chatroom.connection import Codec
 
 # Plaintext taken out of the SSLObject per call; every call until it has no more is made at
 # once, since decrypted bytes waiting inside it are invisible to select().
@@ -134,18 +139,18 @@ def describe_failure(exc: ssl.SSLError) -> str:
 
 
 class TlsCodec:
-    """TLS around a line codec, over two memory BIOs; the server's side of one connection.
+    """TLS around another codec, over two memory BIOs; the server's side of one connection.
 
     The handshake is driven by each receive(); what it answers is taken with take_output()
     after every receive, so the handshake moves as fast as the peer does. A stalled handshake
     costs nothing but the connection's join deadline, which it has not met.
     """
 
-    def __init__(self, context: ssl.SSLContext, lines: protocol.LineBuffer) -> None:
+    def __init__(self, context: ssl.SSLContext, inner: Codec) -> None:
         self._incoming = ssl.MemoryBIO()  # ciphertext from the peer, not yet decrypted
         self._outgoing = ssl.MemoryBIO()  # ciphertext for the peer, not yet taken
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
-        self._lines = lines  # the plaintext's framing
+        self._inner = inner  # the plaintext's codec
         self._records = _RecordFraming()  # whether a record is half received
         self.handshake_done = False  # application data may flow
         self.peer_closed = False  # the peer sent close_notify: it sends no more
@@ -156,7 +161,7 @@ class TlsCodec:
         return self._tls.version()
 
     def receive(self, data: bytes) -> None:
-        """Ciphertext in; the plaintext in it goes to the line codec, all of it.
+        """Ciphertext in; the plaintext in it goes to the inner codec, all of it.
         Raises TlsError if the peer's TLS is broken."""
         self._incoming.write(data)
         self._records.feed(data)
@@ -167,7 +172,7 @@ class TlsCodec:
             while not self.peer_closed:
                 plaintext = self._tls.read(READ_SIZE)
                 if plaintext:
-                    self._lines.feed(plaintext)
+                    self._inner.receive(plaintext)
                 else:
                     self.peer_closed = True
         except ssl.SSLWantReadError:
@@ -178,24 +183,31 @@ class TlsCodec:
             raise TlsError(describe_failure(exc)) from exc
 
     def take_output(self) -> bytes:
-        """What TLS itself has for the peer: the handshake's answers, an alert."""
-        return self._outgoing.read()
+        """What TLS itself has for the peer (the handshake's answers, an alert), then what the
+        inner codec has of its own accord (an HTTP answer, a pong), encrypted."""
+        handshake = self._outgoing.read()
+        return handshake + self._encrypt(self._inner.take_output())
 
     def next_line(self) -> bytes | None:
-        return self._lines.next_line()
+        return self._inner.next_line()
 
     @property
     def has_partial_line(self) -> bool:
         """An unfinished line, or an unfinished TLS record: a slow-loris may trickle either."""
-        return self._lines.has_partial_line or self._records.partial
+        return self._inner.has_partial_line or self._records.partial
 
     def encode(self, lines: bytes) -> bytes:
         """The ciphertext for these lines; nothing before the handshake is done, since no
         line can be sent then (nor after queued output was thrown away)."""
-        if not self.handshake_done or self._output_cut:
+        if not self.handshake_done:
+            return b""
+        return self._encrypt(self._inner.encode(lines))
+
+    def _encrypt(self, plaintext: bytes) -> bytes:
+        if not plaintext or self._output_cut:
             return b""
         try:
-            self._tls.write(lines)
+            self._tls.write(plaintext)
         except ssl.SSLError:
             return b""  # the TLS session is broken: the connection is failing anyway
         return self._outgoing.read()
@@ -207,13 +219,30 @@ class TlsCodec:
         return 0
 
     def closing_bytes(self) -> bytes:
-        """close_notify, for a clean end of the TLS session before the TCP one."""
+        """The inner codec's last bytes, then close_notify, for a clean end of the TLS
+        session before the TCP one."""
         if not self.handshake_done or self._output_cut:
             return b""
+        last = self._encrypt(self._inner.closing_bytes())
         # SSLWantReadError: the close_notify is written, the peer's is not awaited.
         with contextlib.suppress(ssl.SSLError):
             self._tls.unwrap()
-        return self._outgoing.read()
+        return last + self._outgoing.read()
+
+    @property
+    def ended(self) -> bool:
+        return self._inner.ended
+
+    @property
+    def keeps_alive(self) -> bool:
+        return self._inner.keeps_alive and not self._output_cut
+
+    def ping(self) -> bytes:
+        return self._encrypt(self._inner.ping())
+
+    @property
+    def awaiting_pong(self) -> bool:
+        return self._inner.awaiting_pong
 
 
 class _RecordFraming:

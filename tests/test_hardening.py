@@ -182,11 +182,10 @@ def tls_client_hello() -> bytes:
     "opening",
     [
         tls_client_hello(),
-        b"GET / HTTP/1.1\r\nHost: chat.example\r\n\r\n",
         b"SSH-2.0-OpenSSH_9.6\r\n",
         random.Random(7).randbytes(512),
     ],
-    ids=["tls", "http", "ssh", "binary"],
+    ids=["tls", "ssh", "binary"],  # HTTP is served: tests/test_web.py
 )
 def test_another_protocol_is_closed_at_once_and_costs_no_one_anything(
     room: Room, server_no_flood: int, opening: bytes
@@ -615,7 +614,7 @@ def test_every_member_connection_has_tcp_keepalive(room: Room, server_no_flood: 
     for line in sockets:
         timer = re.search(r"timer:\(keepalive,(\d+)min", line)
         assert timer, line
-        assert int(timer.group(1)) < 5  # the first probe within 300 s of silence
+        assert int(timer.group(1)) <= 5  # the first probe within 300 s: ss shows 5min at first
 
 
 # The client

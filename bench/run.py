@@ -345,17 +345,22 @@ class Running:
                 proc.wait()
 
 
+def server_named(name: str) -> Server:
+    return next(server for server in SERVERS if server.name == name)
+
+
 class Bridged:
     """A redis-server and count of our servers sharing one room on it (--redis), all on the
     server's CPU, for one measurement."""
 
     def __init__(self, count: int) -> None:
         redis_port = free_port()
-        self.procs = [self._start(SERVERS[-1].command(redis_port), redis_port)]
+        self.procs = [self._start(server_named("redis").command(redis_port), redis_port)]
         url = f"redis://127.0.0.1:{redis_port}"
         self.ports = [free_port() for _ in range(count)]
         for port in self.ports:
-            command = [*SERVERS[0].command(port), "--redis", url, "--log-level", "warning"]
+            ours = server_named("chatroom").command(port)
+            command = [*ours, "--redis", url, "--log-level", "warning"]
             self.procs.append(self._start(command, port))
         deadline = time.monotonic() + 10
         while self._subscribers(redis_port) < count:  # bounded: no event says "linked"

@@ -125,7 +125,8 @@ class _Peer:
 
 class Bridge:
     """One server's side of the shared room: numbering what it sends, checking what it is
-    sent, and the presence of the other servers (who is there, who has gone silent)."""
+    sent, the presence of the other servers (who is there, who has gone silent), and the
+    clock of its own link (when to beat, when to ask for rosters, when Redis is too quiet)."""
 
     def __init__(
         self,
@@ -133,16 +134,22 @@ class Bridge:
         max_line: int = protocol.MAX_LINE,
         timeout: float = TIMEOUT_SECONDS,
         max_message: int = MAX_MESSAGE,
+        heartbeat: float = HEARTBEAT_SECONDS,
     ) -> None:
         self.server_id = server_id
         self._max_text = most_text_bytes(max_line)  # a remote text's most, as a local one's
         self._timeout = timeout
         self._max_message = max_message
+        self._heartbeat = heartbeat
         self._seq = 0  # the last sequence number this server used
         self._peers: dict[str, _Peer] = {}  # the other servers heard from, by id
+        self._up_since: float | None = None  # the link works since then; None: it does not
         # When this server last heard its own message come back: the proof that the whole
         # path (publish, Redis, subscription) works, which a hung Redis cannot fake.
-        self.echoed_at: float | None = None
+        self._echoed_at: float | None = None
+        self._next_beat = 0.0  # when the next heartbeat is due, while the link is up
+        self._asked_at: float | None = None  # when rosters were last asked for, since up
+        self._ask_pending = False  # rosters were wanted too soon after asking: with the next beat
 
     # Outgoing
 
@@ -191,7 +198,7 @@ class Bridge:
             raise BadMessage(f"bad server id {server[:64]!r}")
         seq = _field(message, "n", int)
         if server == self.server_id:
-            self.echoed_at = now
+            self._echoed_at = now
             return []
         item = self._item(server, message)
         items: list[Received] = [] if item is None else [item]
@@ -317,6 +324,60 @@ class Bridge:
         if not self._peers:
             return None
         return min(peer.heard_at for peer in self._peers.values()) + self._timeout
+
+    # The link's clock
+
+    def link_up(self, now: float) -> None:
+        """The link works from now: heartbeats start, and so does the wait for their echo."""
+        self._up_since = now
+        self._echoed_at = None
+        self._next_beat = now + self._heartbeat
+        self._asked_at = None
+        self._ask_pending = False
+
+    def link_down(self) -> None:
+        self._up_since = None
+
+    def may_ask(self, now: float) -> bool:
+        """Whether to ask every server for its roster now: at most once a heartbeat, since
+        gaps come in bursts; one wanted sooner is asked with the next beat (beat_due)."""
+        if self._asked_at is not None and now - self._asked_at < self._heartbeat:
+            self._ask_pending = True
+            return False
+        self._asked_at, self._ask_pending = now, False
+        return True
+
+    def beat_due(self, now: float) -> bool:
+        """Whether a heartbeat is due now (the next is then counted from now). If rosters
+        were wanted meanwhile, the beat is a hello that asks for them: see ask_pending."""
+        if self._up_since is None or now < self._next_beat:
+            return False
+        self._next_beat = now + self._heartbeat
+        return True
+
+    @property
+    def ask_pending(self) -> bool:
+        return self._ask_pending
+
+    def echo_overdue(self, now: float) -> bool:
+        """Whether this server's own messages have not come back for the timeout: Redis is
+        hung, or the subscription is gone, whatever the sockets say."""
+        deadline = self._echo_deadline()
+        return deadline is not None and now >= deadline
+
+    def _echo_deadline(self) -> float | None:
+        if self._up_since is None:
+            return None
+        return max(self._echoed_at or self._up_since, self._up_since) + self._timeout
+
+    def next_deadline(self) -> float | None:
+        """When the bridge next needs the clock looked at: a server's silence running out,
+        a heartbeat, or the echo's deadline."""
+        due = [self.next_expiry(), self._echo_deadline()]
+        if self._up_since is not None:
+            due.append(self._next_beat)
+        times = [t for t in due if t is not None]
+        return min(times) if times else None
 
 
 _T = TypeVar("_T")

@@ -116,7 +116,6 @@ class RedisLink:
         wall_clock: Callable[[], float],
         deliver: Deliver,
         roster: Roster,
-        heartbeat: float = bridge.HEARTBEAT_SECONDS,
         timeout: float = bridge.TIMEOUT_SECONDS,
         queue_limit: int = bridge.QUEUE_BYTES,
         history_lines: int = 0,
@@ -133,27 +132,23 @@ class RedisLink:
         self._wall_clock = wall_clock  # dates the chat lines, as the room's history shows them
         self._deliver = deliver  # hands the server what the others said, and the link's state
         self._roster = roster  # this server's members, for the others
-        self._heartbeat = heartbeat
-        self._timeout = timeout
+        self._timeout = timeout  # for a connect, as for Redis' silence once up
         self._queue_limit = queue_limit
         self._history_lines = history_lines  # 0: the room keeps no history
         self._reply_limit = reply_limit
         self._random = random.Random()
         self._connections: list[_RedisConnection] = []  # [subscriber, commands] while open
-        self._up_since: float | None = None  # subscribed, and the room whole, since then
+        self._up = False  # subscribed, the history read: the room is whole
         self._reconnect_at: float | None = None  # down: try again then
         self._connect_by: float | None = None  # connecting: give up then
         self._failures = 0  # attempts failed in a row, for the backoff
-        self._next_beat = 0.0  # when the next heartbeat is due, while up
-        self._ask_due = False  # a roster is wanted from every server, with the next beat
-        self._asked_at = -heartbeat  # when rosters were last asked for
         self._dropped = 0  # lines not shared since the queue last had room, or since the split
         self._bad = 0  # bad messages not logged yet (one log line a second at most)
         self._bad_logged_at = -1.0
 
     @property
     def is_up(self) -> bool:
-        return self._up_since is not None
+        return self._up
 
     # Connecting
 
@@ -217,11 +212,9 @@ class RedisLink:
         now = self._clock()
         self._connect_by = None
         self._failures = 0
-        self._up_since = now
-        self._bridge.echoed_at = None
-        self._asked_at = now - self._heartbeat
+        self._up = True
+        self._bridge.link_up(now)
         self._ask_for_rosters(now)
-        self._next_beat = now + self._heartbeat
         log.info("joined the room on %s as server %s", self._address, self._bridge.server_id)
         if self._dropped:
             log.info("%d lines said while split were not shared", self._dropped)
@@ -268,15 +261,11 @@ class RedisLink:
             connection.replies.append(reply)
 
     def _ask_for_rosters(self, now: float) -> None:
-        """Publishes this server's roster, asking every other for theirs: at once, or with the
-        next heartbeat if rosters were asked for less than a heartbeat ago (gaps come in
-        bursts)."""
-        if now - self._asked_at < self._heartbeat:
-            self._ask_due = True
-            return
-        self._ask_due = False
-        self._asked_at = now
-        self._publish([("PUBLISH", self._channel, self._bridge.hello(self._roster(), ask=True))])
+        """Publishes this server's roster, asking every other for theirs, when the bridge
+        says it may (else it goes with the next heartbeat)."""
+        if self._bridge.may_ask(now):
+            hello = self._bridge.hello(self._roster(), ask=True)
+            self._publish([("PUBLISH", self._channel, hello)])
 
     def flush(self) -> None:
         """Hands each connection's queue to the kernel (once a turn, before select())."""
@@ -386,15 +375,9 @@ class RedisLink:
     def next_deadline(self) -> float | None:
         """When the link next needs the loop: a reconnect, a connect's deadline, a heartbeat,
         or another server's silence running out."""
-        times = [self._reconnect_at, self._connect_by, self._bridge.next_expiry()]
-        if self._up_since is not None:
-            times += [self._next_beat, self._echo_deadline()]
+        times = [self._reconnect_at, self._connect_by, self._bridge.next_deadline()]
         due = [t for t in times if t is not None]
         return min(due) if due else None
-
-    def _echo_deadline(self) -> float:
-        assert self._up_since is not None
-        return max(self._bridge.echoed_at or self._up_since, self._up_since) + self._timeout
 
     def on_timer(self, now: float) -> None:
         """Acts on whatever next_deadline said was due; an unexpected error fails the link,
@@ -410,15 +393,13 @@ class RedisLink:
             self._connect()
         elif self._connect_by is not None and now >= self._connect_by:
             self._fail(f"no answer from {self._address} in {self._timeout:g} s")
-        elif self._up_since is not None:
-            if now >= self._echo_deadline():
-                self._fail(f"no word from {self._address} in {self._timeout:g} s")
-            elif now >= self._next_beat:
-                self._next_beat = now + self._heartbeat
-                if self._ask_due:
-                    self._ask_for_rosters(now)
-                else:
-                    self._publish([("PUBLISH", self._channel, self._bridge.heartbeat())])
+        elif self._bridge.echo_overdue(now):
+            self._fail(f"no word from {self._address} in {self._timeout:g} s")
+        elif self._bridge.beat_due(now):
+            if self._bridge.ask_pending:
+                self._ask_for_rosters(now)
+            else:
+                self._publish([("PUBLISH", self._channel, self._bridge.heartbeat())])
         gone = self._bridge.gone(now)
         if gone:
             self._deliver(list(gone))
@@ -428,9 +409,10 @@ class RedisLink:
     def _fail(self, why: str) -> None:
         """Closes both connections and tries again after a backoff; tells the server the
         room is split if it was whole."""
-        was_up = self._up_since is not None
+        was_up = self._up
         self._close_connections()
-        self._up_since = self._connect_by = None
+        self._up, self._connect_by = False, None
+        self._bridge.link_down()
         most = min(RECONNECT_MOST_SECONDS, RECONNECT_FIRST_SECONDS * 2**self._failures)
         wait = self._random.uniform(most / 2, most)
         self._failures = min(self._failures + 1, 16)
@@ -454,7 +436,8 @@ class RedisLink:
                 with contextlib.suppress(OSError):
                     commands.sock.send(goodbye)
         self._close_connections()
-        self._up_since = self._reconnect_at = self._connect_by = None
+        self._up, self._reconnect_at, self._connect_by = False, None, None
+        self._bridge.link_down()
 
 
 def _pack(command: Command) -> bytes:

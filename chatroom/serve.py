@@ -328,7 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     if server_id is not None:
         the_bridge = bridge.Bridge(
-            server_id, limits.max_line, args.redis_timeout, args.redis_max_message
+            server_id,
+            limits.max_line,
+            args.redis_timeout,
+            args.redis_max_message,
+            args.redis_heartbeat,
         )
         link = redis_link.RedisLink(
             address,
@@ -339,7 +343,6 @@ def main(argv: list[str] | None = None) -> int:
             time.time,
             server.apply_from_link,
             server.roster,
-            heartbeat=args.redis_heartbeat,
             timeout=args.redis_timeout,
             queue_limit=args.redis_queue,
             history_lines=args.history,

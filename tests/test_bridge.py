@@ -32,10 +32,39 @@ def test_every_event_goes_across_as_it_was() -> None:
         assert two.receive(one.encode(event, now=1.0), now=1.0) == [bridge.FromServer("one", event)]
 
 
-def test_a_server_drops_its_own_echo_and_notes_when_it_came() -> None:
-    one, _ = pair()
-    assert one.receive(one.heartbeat(), now=3.0) == []
-    assert one.echoed_at == 3.0
+def test_a_server_drops_its_own_echo_and_its_link_is_overdue_without_one() -> None:
+    one = bridge.Bridge("one", timeout=8.0, heartbeat=2.0)
+    assert not one.echo_overdue(100.0)  # no link, no deadline
+    one.link_up(10.0)
+    assert one.next_deadline() == 12.0  # the first heartbeat
+    assert one.receive(one.heartbeat(), now=11.0) == []  # its own echo: nothing to do
+    assert not one.echo_overdue(18.9)
+    assert one.echo_overdue(19.0)  # 8 s after the last echo: Redis is hung or the link gone
+    one.link_down()
+    assert not one.echo_overdue(30.0)
+    assert one.next_deadline() is None
+
+
+def test_heartbeats_are_due_every_interval_while_the_link_is_up() -> None:
+    one = bridge.Bridge("one", heartbeat=2.0)
+    assert not one.beat_due(5.0)  # not up
+    one.link_up(10.0)
+    assert not one.beat_due(11.9)
+    assert one.beat_due(12.0)
+    assert not one.beat_due(13.9)
+    assert one.beat_due(14.5)
+    assert one.next_deadline() == 16.5
+
+
+def test_rosters_are_asked_for_at_most_once_a_heartbeat() -> None:
+    one = bridge.Bridge("one", heartbeat=2.0)
+    one.link_up(10.0)
+    assert one.may_ask(10.0)  # on joining
+    assert not one.may_ask(10.5)  # a gap at once after: put off ...
+    assert one.ask_pending
+    assert one.beat_due(12.0)  # ... to the next beat, which asks
+    assert one.may_ask(12.0)
+    assert not one.ask_pending
 
 
 def test_a_private_message_for_another_server_is_not_this_ones() -> None:

@@ -263,6 +263,27 @@ def _who(member: Member) -> str:
     return member.expect("here:")
 
 
+def test_a_server_started_before_redis_serves_its_own_and_joins_the_room_later(
+    room: Room,
+) -> None:
+    port = closed_port()
+    early = room.server("--redis", f"redis://127.0.0.1:{port}", *FAST)
+    early.stderr.expect("Redis link down")
+    ann, ann2 = room.member(early.port), room.member(early.port)
+    ann.join()
+    ann2.join()
+    ann.say("nobody else yet")
+    assert ann2.expect("nobody else yet") == f"[{ann.member_id}] nobody else yet"
+    start_redis(room, port)
+    early.stderr.expect("joined the room on", timeout=30)
+    late = room.server("--redis", f"redis://127.0.0.1:{port}", *FAST)
+    late.stderr.expect("joined the room on")
+    ben = room.member(late.port)
+    ben.join()
+    ann.expect(f"* {ben.member_id} joined")
+    wait_for(lambda: _who(ben).startswith("* 3 here"), "the late server sees the early one's")
+
+
 def test_a_hung_redis_is_found_and_the_room_heals(cluster: Cluster) -> None:
     _, (ann, ben, _cat) = three_servers(cluster)
     redis = cluster.redis.proc

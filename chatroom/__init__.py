@@ -2,4 +2,4 @@
 
 # The one place the version is written: pyproject.toml reads it, --version prints it, and a
 # test holds the Java client to it.
-__version__ = "0.2.0"
+__version__ = "0.3.0"

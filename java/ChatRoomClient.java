@@ -55,7 +55,7 @@ import javax.net.ssl.X509TrustManager;
  */
 public final class ChatRoomClient {
     static final String PROG = "chatroom-client";
-    static final String VERSION = "0.2.0"; // held to chatroom/__init__.py by a test
+    static final String VERSION = "0.3.0"; // held to chatroom/__init__.py by a test
     static final String JOIN = "!Join";
     static final String QUIT = "!Quit";
     // A name the room accepts (protocol.NAME_PATTERN): 1 to 16 ASCII letters, digits, _ or -,

@@ -147,7 +147,11 @@ class WebCodec:
         self._ws.receive_data(data)
         for event in self._ws.events_received():
             if isinstance(event, Request):
-                self._answer(self._response_to(event))
+                # Bytes after the request, before its answer (another request pipelined),
+                # are read as frames: the library has failed the exchange, and no answer
+                # can follow its end of stream.
+                if not self._ws.eof_sent:
+                    self._answer(self._response_to(event))
             elif isinstance(event, Frame):
                 self._take_frame(event)
 

@@ -316,3 +316,10 @@ def test_the_first_bytes_choose_lines_or_http() -> None:
     web_codec = ChosenByFirstBytes(choose)
     assert http(web_codec, get("/")).startswith(b"HTTP/1.1 200 OK")
     assert web_codec.ended
+
+
+@pytest.mark.parametrize("after", [get("/"), b"!Join\n"], ids=["a second request", "a line"])
+def test_bytes_after_a_request_before_its_answer_end_the_exchange_unanswered(after: bytes) -> None:
+    codec = WebCodec(settings(), secure=False)
+    assert http(codec, get("/") + after) == b""
+    assert codec.ended

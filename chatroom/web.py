@@ -96,6 +96,14 @@ class WebSettings:
         return self.max_line + RECV_SIZE
 
 
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def content_security_policy(page: bytes) -> str:
     """Nothing but the page's own inline script and style (by their SHA-256), and its own
     WebSocket: no other script, style, frame, form target or connection is allowed."""
@@ -230,6 +238,10 @@ class WebCodec:
         message, self._message = bytes(self._message), None
         if self._message_too_long:
             self._lines.append(protocol.LineTooLong(self._settings.max_line))
+        elif not _is_utf8(message):
+            # RFC 6455 8.1: a text message that is not UTF-8 fails the connection. The
+            # library leaves that check to whoever decodes; a line would get U+FFFD instead.
+            self._ws.fail(CloseCode.INVALID_DATA, "invalid UTF-8")
         elif b"\n" in message or b"\r" in message:
             self._lines.append(protocol.LineBreakInMessage())
         else:

@@ -243,6 +243,34 @@ def test_a_binary_message_closes_with_1003() -> None:
 
 
 @pytest.mark.parametrize(
+    "fragments",
+    [[b"\xff"], [b"ok \xed\xa0\x80"], [b"split \xf0\x9f", b"\x98"]],
+    ids=["FF", "surrogate", "truncated across fragments"],
+)
+def test_a_text_message_that_is_not_utf8_closes_with_1007(fragments: list[bytes]) -> None:
+    codec = WebCodec(settings(), secure=False)
+    browser = Browser(codec)
+    browser.say("!Join")
+    *first, last = fragments
+    if first:
+        browser.client.send_text(first[0], fin=False)
+    (browser.client.send_continuation if first else browser.client.send_text)(last, fin=True)
+    codec.receive(b"".join(browser.client.data_to_send()))
+    [close] = browser.take()
+    assert close.opcode is Opcode.CLOSE and close.data[:2] == (1007).to_bytes(2, "big")
+    assert codec.ended and lines(codec) == [b"!Join"]
+
+
+def test_a_character_split_across_fragments_is_whole() -> None:
+    codec = WebCodec(settings(), secure=False)
+    browser = Browser(codec)
+    browser.client.send_text("é".encode()[:1], fin=False)
+    browser.client.send_continuation("é".encode()[1:], fin=True)
+    browser.send(b"".join(browser.client.data_to_send()))
+    assert lines(codec) == ["é".encode()] and codec.keeps_alive
+
+
+@pytest.mark.parametrize(
     ("last_line", "code"),
     [
         (b"* Goodbye, 1.2.3.4:5\n", 1000),

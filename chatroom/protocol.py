@@ -103,6 +103,18 @@ WEB_MISSING_RESPONSE = (
     b"Connection: close\r\n\r\n%s" % (len(_WEB_MISSING_TEXT), _WEB_MISSING_TEXT)
 )
 
+# The whole answer to a plain HTTP request on a server started with --require-tls: a browser
+# shows it, where an error line would be a download or nothing.
+_TLS_REQUIRED_TEXT = (
+    b"This chat room is served over TLS only: open it with https://, not http://.\n"
+)
+TLS_REQUIRED_RESPONSE = (
+    b"HTTP/1.1 403 Forbidden\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\n"
+    b"Connection: close\r\n\r\n%s" % (len(_TLS_REQUIRED_TEXT), _TLS_REQUIRED_TEXT)
+)
+
 REASON_QUIT = "quit"
 REASON_CLOSED = "connection closed"
 REASON_LOST = "connection lost"

@@ -376,14 +376,19 @@ class ChatServer:
     def _opening_accepted(self, conn: Connection, first_bytes: bytes) -> bool:
         """Looks at a connection's first bytes: a TLS handshake, when the server has a
         certificate, puts TLS under the codec its first plaintext chooses; an HTTP request goes
-        to the web codec; another protocol, or plain text under --require-tls, gets one error
-        line and the connection is closed."""
+        to the web codec (under --require-tls, to an answer saying to use https://); another
+        protocol, or plain text under --require-tls, gets one error line and the connection is
+        closed."""
         if self._tls_context is not None and protocol.looks_like_tls(first_bytes):
             inner = ChosenByFirstBytes(lambda plaintext: self._codec_for(plaintext, secure=True))
             conn.codec = tls.TlsCodec(self._tls_context, inner)
             return True
-        if protocol.looks_like_http(first_bytes) and not self._require_tls:
-            conn.codec = self._codec_for(first_bytes, secure=False)
+        if protocol.looks_like_http(first_bytes):
+            if self._require_tls:
+                log.info("closing %s: plain HTTP, and TLS is required", conn.peer_id)
+                conn.codec = AnswerOnce(protocol.TLS_REQUIRED_RESPONSE)
+            else:
+                conn.codec = self._codec_for(first_bytes, secure=False)
             return True
         if protocol.looks_like_another_protocol(first_bytes):
             error, why = protocol.ERROR_WRONG_PROTOCOL, "another protocol"

@@ -269,3 +269,13 @@ def test_an_http_request_over_16_kib_gets_431_and_a_close(room: Room) -> None:
         while data := sock.recv(65536):  # ends at the server's close
             answer += data
     assert answer.startswith(b"HTTP/1.1 431 ")
+
+
+def test_under_require_tls_a_plain_http_request_is_told_to_use_https(
+    room: Room, certs: Certificates
+) -> None:
+    server = room.server(*certs.server_args("--require-tls"))
+    status, content_type, body = get(server.port, "/")
+    assert (status, content_type) == (403, "text/plain; charset=utf-8")
+    assert b"https://" in body
+    server.stderr.expect("plain HTTP, and TLS is required")

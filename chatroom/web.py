@@ -16,7 +16,6 @@ import base64
 import email.utils
 import hashlib
 import re
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +50,12 @@ _ERROR_PREFIX = protocol.ERROR_PREFIX.encode()
 # browser's WebSocket handshake is about 1 KiB with cookies; the library alone would take up to
 # 128 header lines of 8 KiB each, a megabyte per connection before anything is answered.
 MAX_REQUEST_BYTES = 16 * 1024
+
+# A refused message is held among the lines as one of these, which no line can be since a
+# line holds no b"\r": a read of tiny messages then costs no more than its own bytes, where an
+# object per message cost twelve times that.
+_HELD_TOO_LONG = b"\r1\n"
+_HELD_LINE_BREAK = b"\r2\n"
 
 _INLINE = re.compile(rb"<(script|style)>(.*?)</\1>", re.DOTALL)
 
@@ -139,8 +144,9 @@ class WebCodec:
         self._request_bytes = 0  # received before the request was answered
         self._message: bytearray | None = None  # a fragmented text message, still arriving
         self._message_too_long = False  # the one arriving is over max_line: dropped as it comes
-        # Whole messages not yet taken as lines, or the refusal a bad one gets.
-        self._lines: deque[bytes | protocol.LineRefused] = deque()
+        # Whole messages not yet taken as lines, each ending in b"\n", or in its place the
+        # marker of the refusal a bad one gets: one buffer, not an object per message.
+        self._held = bytearray()
         self._last_error: str | None = None  # the last line sent, if an ERROR line: why we close
         self._pings_sent = 0  # numbers each ping, so a stale pong is not taken for its answer
         self._ping_payload: bytes | None = None  # the ping still unanswered
@@ -237,23 +243,27 @@ class WebCodec:
             return
         message, self._message = bytes(self._message), None
         if self._message_too_long:
-            self._lines.append(protocol.LineTooLong(self._settings.max_line))
+            self._held += _HELD_TOO_LONG
         elif not _is_utf8(message):
             # RFC 6455 8.1: a text message that is not UTF-8 fails the connection. The
             # library leaves that check to whoever decodes; a line would get U+FFFD instead.
             self._ws.fail(CloseCode.INVALID_DATA, "invalid UTF-8")
         elif b"\n" in message or b"\r" in message:
-            self._lines.append(protocol.LineBreakInMessage())
+            self._held += _HELD_LINE_BREAK
         else:
-            self._lines.append(message)
+            self._held += message + b"\n"
 
     def next_line(self) -> bytes | None:
-        if not self._lines:
+        end = self._held.find(b"\n")
+        if end < 0:
             return None
-        line = self._lines.popleft()
-        if isinstance(line, protocol.LineRefused):
-            raise line
-        return line
+        line = bytes(self._held[: end + 1])
+        del self._held[: end + 1]
+        if line == _HELD_TOO_LONG:
+            raise protocol.LineTooLong(self._settings.max_line)
+        if line == _HELD_LINE_BREAK:
+            raise protocol.LineBreakInMessage()
+        return line[:-1]
 
     @property
     def has_partial_line(self) -> bool:

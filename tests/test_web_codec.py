@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import tracemalloc
 
 import pytest
 
@@ -351,3 +352,24 @@ def test_bytes_after_a_request_before_its_answer_end_the_exchange_unanswered(aft
     codec = WebCodec(settings(), secure=False)
     assert http(codec, get("/") + after) == b""
     assert codec.ended
+
+
+def test_a_read_of_tiny_messages_is_held_in_less_than_its_own_size() -> None:
+    """A line member's held input is at most what it sent; a WebSocket member's must not be
+    several times that because each tiny message is an object of its own."""
+    codec = WebCodec(settings(), secure=False)
+    browser = Browser(codec)
+    for _ in range(4096):
+        browser.client.send_text(b"ab")
+        browser.client.send_text(b"a\n")  # refused: a refusal is held as small
+    data = b"".join(browser.client.data_to_send())
+    assert len(data) == 64 * 1024  # 8 bytes a frame
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        codec.receive(data)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < len(data)
+    assert lines(codec) == [b"ab", protocol.ERROR_LINE_BREAK] * 4096

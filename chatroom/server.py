@@ -896,6 +896,11 @@ class ChatServer:
             conn.pong_by = self._clock() + self._limits.web_ping_timeout
 
     def _pong_late(self, conn: Connection) -> None:
+        if not conn.reading:
+            # Its answer may be waiting unread behind lines held back (flood control): the
+            # server's pause, not the peer's silence. Wait as long again.
+            conn.pong_by = self._clock() + self._limits.web_ping_timeout
+            return
         why = f"no answer to a ping within {self._limits.web_ping_timeout:g} s"
         self._close_with_error(conn, protocol.ERROR_PING_TIMEOUT, protocol.REASON_TIMEOUT, why)
 

@@ -279,3 +279,22 @@ def test_under_require_tls_a_plain_http_request_is_told_to_use_https(
     assert (status, content_type) == (403, "text/plain; charset=utf-8")
     assert b"https://" in body
     server.stderr.expect("plain HTTP, and TLS is required")
+
+
+def test_a_web_member_held_back_by_flood_control_is_not_taken_for_silent(room: Room) -> None:
+    """Its pong waits unread behind the lines flood control holds back, as a line member's
+    input waits: the ping deadline must not cut a member for the server's own pause."""
+    server = room.server(
+        *("--flood-burst", "1", "--flood-rate", "4"),
+        *("--web-ping-interval", "0.2", "--web-ping-timeout", "0.3"),
+    )
+    [line_member] = room.joined_members(server.port, 1)
+    with web_member(server.port) as ws:
+        join(ws)
+        line_member.expect(f"* {own_id(ws)} joined")
+        for n in range(8):  # 2 s of lines at 4 a second, held back unread
+            ws.send(f"line {n}")
+        for n in range(8):
+            assert line_member.read_line() == f"[{own_id(ws)}] line {n}"
+        ws.send("still here")
+        assert line_member.read_line() == f"[{own_id(ws)}] still here"

@@ -7,7 +7,7 @@ UTF-8, answers pings and closes; this module only decides what each request gets
 messages to lines, one to one (IRCv3's WebSocket convention): each text message in is one client
 line, each server line out is one text message. GET / is the page (chatroom/page.html); a
 WebSocket upgrade on /ws from an allowed Origin joins the room; anything else is a small
-answer (403, 404, 405, 426, 431), then the end. PROTOCOL.md has the whole mapping.
+answer (400, 403, 404, 405, 426, 431), then the end. PROTOCOL.md has the whole mapping.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from websockets.datastructures import Headers
+from websockets.datastructures import Headers, MultipleValuesError
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
@@ -186,6 +186,10 @@ class WebCodec:
         return True
 
     def _response_to(self, request: Request) -> Response:
+        try:
+            host = request.headers.get("Host", "").lower()
+        except MultipleValuesError:  # RFC 9112 3.2: a 400, whatever the request
+            return self._ws.reject(400, "More than one Host header.\n")
         if request.path == "/":
             return self._page()
         if request.path != WEBSOCKET_PATH:
@@ -193,7 +197,6 @@ class WebCodec:
         # Same origin only, or one the operator allowed: another site's page must not make
         # its visitors' browsers join (cross-site WebSocket hijacking). None: no Origin at
         # all, which no browser omits: a program, not a page.
-        host = request.headers.get("Host", "").lower()
         own = [Origin(f"{self._scheme}://{host}")] if host else []
         self._ws.origins = [*own, *map(Origin, self._settings.origins), None]
         return self._ws.accept(request)

@@ -107,6 +107,21 @@ def test_the_policy_allows_exactly_the_pages_own_inline_script_and_style() -> No
     assert "default-src 'none'; " in policy and "connect-src 'self'" in policy
 
 
+UPGRADE = (
+    b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: http://evil.example\r\n"
+)
+
+
+@pytest.mark.parametrize("path", ["/", "/ws"])
+def test_a_request_with_two_host_headers_is_a_bad_request(path: str) -> None:
+    """RFC 9112 3.2: more than one Host is answered 400; the second must not pick the Origin."""
+    codec = WebCodec(settings(), secure=False)
+    request = get(path)[:-2] + b"Host: evil.example\r\n" + UPGRADE + b"\r\n"
+    assert http(codec, request).startswith(b"HTTP/1.1 400 ")
+    assert codec.ended
+
+
 @pytest.mark.parametrize(
     ("request_bytes", "status"),
     [

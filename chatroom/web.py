@@ -155,6 +155,8 @@ class WebCodec:
         self.status: int | None = None  # the HTTP status answered, for the log
 
     def receive(self, data: bytes) -> None:
+        if self._ws.eof_sent:
+            return  # the exchange is over: what follows is not read (nor answered)
         self._heard_from = True
         if self.status is None and self._refused_before_parsing(data):
             return

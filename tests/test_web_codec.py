@@ -340,6 +340,15 @@ def test_a_request_over_16_kib_is_answered_431_before_it_ends() -> None:
     assert codec.take_output() == b""
 
 
+def test_bytes_after_a_broken_request_are_not_read() -> None:
+    """Under TLS, each record's plaintext is received on its own, all in one read: what follows
+    a request the library has already given up on must not be answered (a 431 after its end)."""
+    codec = WebCodec(settings(), secure=False)
+    codec.receive(b"GET / HTTP/1.1\r\nnot a header\r\n\r\n")
+    codec.receive(b"p" * (17 * 1024))
+    assert codec.take_output() == b"" and codec.ended and codec.status is None
+
+
 def test_a_request_of_almost_16_kib_is_served() -> None:
     codec = WebCodec(settings(), secure=False)
     padding = b"".join(b"X-Padding-%d: " % n + b"p" * 5300 + b"\r\n" for n in range(3))

@@ -43,6 +43,17 @@ RECONNECT_MOST_SECONDS = 5.0
 
 Command = tuple[object, ...]  # a Redis command's words: str, bytes or int
 
+# The history's last lines (ARGV[1]), skipping, inside Redis, any record over ARGV[2] bytes:
+# the reader must hold a whole record before it can drop one, so a huge record put in the list
+# by anyone who can write to Redis would otherwise cut the link every time it read the history.
+HISTORY_SCRIPT = """
+local kept = {}
+for _, record in ipairs(redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)) do
+  if #record <= tonumber(ARGV[2]) then kept[#kept + 1] = record end
+end
+return kept
+"""
+
 Deliver = Callable[[list[bridge.Incoming]], None]
 Roster = Callable[[], list[tuple[str, "str | None"]]]
 
@@ -120,6 +131,7 @@ class RedisLink:
         queue_limit: int = bridge.QUEUE_BYTES,
         history_lines: int = 0,
         reply_limit: int = bridge.MAX_MESSAGE,
+        record_limit: int = bridge.MAX_MESSAGE,
     ) -> None:
         self._address = address
         # Pub/sub channels are not per database in Redis: the database is in the channel's name,
@@ -136,6 +148,7 @@ class RedisLink:
         self._queue_limit = queue_limit
         self._history_lines = history_lines  # 0: the room keeps no history
         self._reply_limit = reply_limit
+        self._record_limit = record_limit  # the longest history record read (the bridge's)
         self._random = random.Random()
         self._connections: list[_RedisConnection] = []  # [subscriber, commands] while open
         self._up = False  # subscribed, the history read: the room is whole
@@ -202,8 +215,9 @@ class RedisLink:
         the room is whole now."""
         if self._history_lines:
             _, commands = self._connections
-            lrange = ("LRANGE", self._history_key, -self._history_lines, -1)
-            self._send(commands, [lrange], "history")
+            lines, most = self._history_lines, self._record_limit
+            read = ("EVAL", HISTORY_SCRIPT, 1, self._history_key, lines, most)
+            self._send(commands, [read], "history")
         else:
             self._whole()
 
@@ -339,7 +353,10 @@ class RedisLink:
                 self._receive(reply[2])
             return
         awaited = connection.replies.popleft() if connection.replies else ""
-        if isinstance(reply, hiredis.ReplyError):
+        if isinstance(reply, hiredis.ReplyError) and awaited == "history":
+            log.warning("the room's history not read: Redis refused it: %s", reply)
+            self._whole()  # the room works without it
+        elif isinstance(reply, hiredis.ReplyError):
             log.warning("Redis refused a command: %s", reply)
             if awaited:  # the link cannot work without this one
                 self._fail(f"Redis refused a command: {reply}")

@@ -348,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             history_lines=args.history,
             reply_limit=args.redis_max_message
             + args.history * bridge.most_say_bytes(limits.max_line),
+            record_limit=args.redis_max_message,
         )
         server.attach_link(link)
         link.start()

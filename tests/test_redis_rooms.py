@@ -163,6 +163,28 @@ def test_history_is_the_rooms(cluster: Cluster) -> None:
     carl.expect("History: 2 lines")
 
 
+def test_a_history_record_too_big_to_read_is_skipped_not_a_wedge(cluster: Cluster) -> None:
+    said = {"s": "far", "n": 1, "t": "say", "m": "6.6.6.6:6", "name": None, "act": False}
+    good = json.dumps({**said, "text": "kept", "at": 0.0}).encode()
+    # Over the most a reply may hold (20,000 + 20 history lines of 13,312 bytes each) and
+    # over what one read takes beyond it.
+    huge = padded({**said, "text": "too big", "at": 0.0}, 1_000_000)
+    for record in (good, huge):
+        redis_command(cluster.port, b"RPUSH", b"chatroom:chatroom:history", record)
+    server = cluster.server(*FAST, "--redis-max-message", "20000")
+    ann = cluster.member(server, "ann")
+    assert ann.expect("History:") == "* History: 1 line said before you came"
+    assert ann.read_line().endswith("[6.6.6.6:6] kept")
+
+
+def test_a_redis_that_refuses_scripts_is_joined_without_history(room: Room) -> None:
+    port = closed_port()
+    start_redis(room, port, "--user", "default", "on", "nopass", "~*", "&*", "+@all", "-eval")
+    server = room.server("--redis", f"redis://127.0.0.1:{port}", *FAST)
+    server.stderr.expect("history not read")
+    server.stderr.expect("joined the room on")
+
+
 def test_names_taken_at_once_on_two_servers_stay_unique(cluster: Cluster) -> None:
     one, two = cluster.server(*FAST), cluster.server(*FAST)
     a, b = cluster.member(one, "a1"), cluster.member(two, "b1")

@@ -29,6 +29,10 @@ TIMEOUT_SECONDS = 8.0
 # are dropped and counted, as pub/sub would lose them anyway.
 QUEUE_BYTES = 1024 * 1024
 
+# A history record's date, which every newcomer is shown (time.localtime): from the epoch to
+# the end of year 9999, so a forged NaN, infinity or 1e300 cannot fail each join.
+LATEST_DATE = 253402300799.0
+
 # The longest message taken from Redis: a roster of 10,000 members (~45 bytes each in JSON)
 # fits, and one hostile publisher cannot make a server parse or hold more.
 MAX_MESSAGE = 1024 * 1024
@@ -221,9 +225,12 @@ class Bridge:
         for record in records:
             try:
                 fields = self._parse(record)
+                said_at = _field(fields, "at", float)
+                if not 0.0 <= said_at <= LATEST_DATE:  # False for NaN too
+                    raise BadMessage(f"bad date {said_at!r}")
                 entries.append(
                     remote.HistoryEntry(
-                        _field(fields, "at", float),
+                        said_at,
                         self._member(fields),
                         self._name(fields),
                         self._text(fields),

@@ -177,6 +177,20 @@ def test_the_history_is_read_from_the_say_messages_and_bad_records_skipped() -> 
     ]
 
 
+@pytest.mark.parametrize("at", ["1e300", "-1e300", "NaN", "Infinity", "1e17", "-1.5"])
+def test_a_history_record_dated_out_of_any_clock_s_range_is_skipped(at: str) -> None:
+    """Each newcomer is shown the history with its times: a date time.localtime cannot
+    take would fail every join on every server that read it."""
+    one, two = pair()
+    said = one.encode(remote.MemberSaid(A, "ann", "hi", False), now=1700000000.0)
+    forged = said.replace(b'"at":1700000000.0', b'"at":' + at.encode())
+    assert forged != said
+    entries = two.history([forged, said])
+    assert entries == [remote.HistoryEntry(1700000000.0, A, "ann", "hi", False)]
+    for entry in entries:
+        protocol.history_line(entry.said_at, b"hi\n")  # raises for a date out of range
+
+
 def test_redis_urls() -> None:
     redis_link = pytest.importorskip("chatroom.redis_link")
     parse = redis_link.parse_redis_url

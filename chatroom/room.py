@@ -77,6 +77,11 @@ BATCH_ABOVE = 100
 BATCH_SECONDS = 1.0
 BATCH_NAMES = 10
 
+# The most members of other servers the room holds at once (--redis-max-members): five
+# servers of 10,000, at a few hundred bytes each. Anyone who can publish on Redis can invent
+# members; past the bound their joins are left out (and counted), not kept without end.
+REMOTE_CAPACITY = 50_000
+
 # Renames a member may make at once, then one every RENAME_INTERVAL_SECONDS, so a typo is
 # fixed at once but nobody floods the room with rename notices.
 RENAME_BURST = 3
@@ -115,8 +120,11 @@ class Room:
         history_bytes: int = HISTORY_BYTES,
         shared: bool = False,
         server_id: str = "",
+        remote_capacity: int = REMOTE_CAPACITY,
     ) -> None:
         self._capacity = capacity  # the most members of this server's at once
+        self._remote_capacity = remote_capacity  # the most of other servers' at once
+        self.remote_refused = 0  # other servers' joins left out over it; the server resets it
         # Local members by IP:PORT, other servers' by remote_key; dicts keep join order.
         self._members: dict[str, Member] = {}
         self._local = 0  # how many of _members are this server's
@@ -380,6 +388,9 @@ class Room:
         if isinstance(event, remote.MemberJoined):
             if member is not None:
                 return self._claim(key, member, event.name)
+            if len(self._members) - self._local >= self._remote_capacity:
+                self.remote_refused += 1
+                return []
             member = Member(event.member, server)
             return [*self._claim(key, member, event.name, tell=False), *self._add(key, member, now)]
         if isinstance(event, remote.MemberSaid):

@@ -19,7 +19,7 @@ from typing import Callable
 
 from chatroom import bridge, cli, protocol, tls
 from chatroom.limits import Limits
-from chatroom.room import HISTORY_LINES
+from chatroom.room import HISTORY_LINES, REMOTE_CAPACITY
 from chatroom.server import DEFAULT_LIMITS, FD_RESERVE, ChatServer, WebCodecFactory
 
 log = logging.getLogger("chatroom.server")
@@ -226,6 +226,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "reply that runs past it (and the history's size) closes the link (default: %(default)s)",
     )
     shared.add_argument(
+        "--redis-max-members",
+        type=cli.int_in_range(1, 10_000_000),
+        default=REMOTE_CAPACITY,
+        metavar="N",
+        help="the most members of other servers the room holds; joins past it are logged and "
+        "left out (default: %(default)s)",
+    )
+    shared.add_argument(
         "--redis-queue",
         type=cli.int_in_range(4096, 1 << 30),
         default=bridge.QUEUE_BYTES,
@@ -325,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         password=args.password,
         web=web_codec,
         server_id=server_id,
+        remote_members=args.redis_max_members,
     )
     if server_id is not None:
         the_bridge = bridge.Bridge(

@@ -37,7 +37,17 @@ from chatroom.connection import (
 )
 from chatroom.fanout import Fanout
 from chatroom.limits import LOOPBACK, Limits, PasswordFailures, address_key
-from chatroom.room import HISTORY_LINES, Joined, Left, Output, Room, Share, ToMembers, ToPeer
+from chatroom.room import (
+    HISTORY_LINES,
+    REMOTE_CAPACITY,
+    Joined,
+    Left,
+    Output,
+    Room,
+    Share,
+    ToMembers,
+    ToPeer,
+)
 from chatroom.stats import Stats
 
 if TYPE_CHECKING:  # hiredis is an extra: the link is imported only when --redis is given
@@ -108,6 +118,7 @@ class ChatServer:
         password: str | None = None,
         web: WebCodecFactory | None = None,
         server_id: str | None = None,
+        remote_members: int = REMOTE_CAPACITY,
     ) -> None:
         self._listener = listener
         self._web = web  # None: an HTTP request is answered with how to add the web extra
@@ -125,7 +136,9 @@ class ChatServer:
         self._selector = selectors.DefaultSelector()
         # server_id: the room is shared with other servers (--redis), this one under that id.
         self._room = Room(self.max_members, history_lines, shared=server_id is not None,
-                          server_id=server_id or "")  # fmt: skip
+                          server_id=server_id or "", remote_capacity=remote_members)  # fmt: skip
+        self._remote_members = remote_members
+        self._refused_logged_at = -1.0  # when joins left out over it were last logged
         self._link: RedisLink | None = None  # to the other servers sharing the room
         self._told_split = False  # members were told the room is split, and not yet whole
         self._fanout: Fanout[Connection] = Fanout()  # this turn's lines, in order, for whom
@@ -601,6 +614,14 @@ class ChatServer:
             elif self._told_split:
                 self._told_split = False
                 self._act_on(room.tell_all(protocol.ROOM_WHOLE_LINE))
+        now = self._clock()
+        if room.remote_refused and now - self._refused_logged_at >= 1.0:
+            log.warning(
+                "%d member(s) of other servers left out: the room holds %d of theirs at most",
+                room.remote_refused,
+                self._remote_members,
+            )
+            room.remote_refused, self._refused_logged_at = 0, now
 
     def _tell(self, conn: Connection, line: bytes) -> None:
         """One line for one connection, in its place among this turn's lines."""

@@ -371,6 +371,18 @@ def test_junk_on_the_channel_is_logged_and_dropped(cluster: Cluster, junk: bytes
     assert ann.expect("here:") == f"* 1 here: {ann.label}"
 
 
+def test_a_forged_server_s_members_are_bounded(cluster: Cluster) -> None:
+    server = cluster.server(*FAST, "--redis-max-members", "3")
+    ann = cluster.member(server, "ann")
+    forged = [[f"10.6.{i // 256}.{i % 256}:6", None] for i in range(20_000)]
+    cluster.publish(
+        json.dumps({"s": "evil", "n": 1, "t": "hello", "members": forged, "ask": False}).encode()
+    )
+    assert "19997 member(s) of other servers left out" in server.stderr.expect("left out")
+    ann.say("/who")
+    assert ann.expect("here:").startswith("* 4 here: ")
+
+
 def test_hostile_text_from_redis_is_sanitised_and_capped(cluster: Cluster) -> None:
     server = cluster.server(*FAST)
     ann = cluster.member(server, "ann")

@@ -30,6 +30,31 @@ def test_a_local_join_is_shared_and_a_plain_room_shares_nothing() -> None:
     assert not any(isinstance(o, Share) for o in plain.handle(A, protocol.Join(), now=0.0))
 
 
+def test_other_servers_members_are_bounded_and_the_ones_left_out_counted() -> None:
+    """A forged server (anyone who can publish) announcing a million members must not grow
+    memory without end: past the bound, joins from other servers are left out and counted."""
+    room = Room(100, shared=True, server_id="s1", remote_capacity=3)
+    room.handle(A, protocol.Join(), now=0.0)
+    forged: list[tuple[str, str | None]] = [
+        (f"10.6.{i // 256}.{i % 256}:6", None) for i in range(1000)
+    ]
+    room.sync_server("evil", forged, now=1.0)
+    room.apply_remote("s2", remote.MemberJoined(R, "rob"), now=2.0)
+    assert room.remote_refused == 998
+    assert who_count(room) == 4
+    assert room.handle(B, protocol.Join(), now=4.0)[-1] == Joined(B, 2)  # locals unaffected
+    room.forget_server("evil", now=5.0)
+    assert room.apply_remote("s2", remote.MemberJoined(R, "rob"), now=6.0)
+    assert who_count(room) == 3
+
+
+def who_count(room: Room) -> int:
+    """How many members A's /who lists."""
+    [who] = room.handle(A, protocol.Who(), now=9.0)
+    assert isinstance(who, ToPeer)
+    return int(who.line.split()[1])
+
+
 def test_a_remote_member_joins_speaks_and_counts_in_the_room_not_the_server() -> None:
     room = shared_room()
     room.handle(A, protocol.Join(), now=0.0)

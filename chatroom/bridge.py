@@ -29,6 +29,13 @@ TIMEOUT_SECONDS = 8.0
 # are dropped and counted, as pub/sub would lose them anyway.
 QUEUE_BYTES = 1024 * 1024
 
+# Redis delivers one server's messages in the order it sent them, so a number at or just
+# below the last one taken is a message replayed, and dropped. One further below means the
+# numbering was broken (a number far ahead, forged by anyone who can publish, was taken first):
+# the server's count starts over from it and its roster is asked for, rather than all it says
+# being dropped as old until the forged number is passed.
+REPLAY_WINDOW = 1024
+
 # A history record's date, which every newcomer is shown (time.localtime): from the epoch to
 # the end of year 9999, so a forged NaN, infinity or 1e300 cannot fail each join.
 LATEST_DATE = 253402300799.0
@@ -211,12 +218,13 @@ class Bridge:
             self._peers[server] = _Peer(seq, now)
             return items if isinstance(item, Roster) else [Gap(server, 0), *items]
         peer.heard_at = now
-        if seq <= peer.seq:
+        if peer.seq - REPLAY_WINDOW < seq <= peer.seq:
             return []  # a message already taken: each is acted on once
-        missed, peer.seq = seq - peer.seq - 1, seq
+        restarted = seq <= peer.seq  # its numbering starts over (see REPLAY_WINDOW)
+        missed, peer.seq = 0 if restarted else seq - peer.seq - 1, seq
         if isinstance(item, ServerGone):
             del self._peers[server]
-        return [Gap(server, missed), *items] if missed else items
+        return [Gap(server, missed), *items] if missed or restarted else items
 
     def history(self, records: list[bytes]) -> list[remote.HistoryEntry]:
         """The room's history from its list in Redis, which holds the "say" messages as they

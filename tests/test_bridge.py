@@ -91,6 +91,22 @@ def test_a_gap_in_the_numbers_is_reported_and_old_numbers_are_dropped() -> None:
     assert two.receive(first, now=0.0) == []  # once only
 
 
+def test_a_forged_number_far_ahead_does_not_mute_the_real_server() -> None:
+    """Anyone can publish a message with another server's id and a huge number: taken
+    first, it made every later real message look old, so that server's members were heard
+    no more, while its heartbeats kept it alive."""
+    one, two = pair()
+    two.receive(one.hello([], ask=False), now=0.0)
+    forged = {"s": "one", "n": 10**15, "t": "beat"}
+    assert two.receive(json.dumps(forged).encode(), now=1.0) == [bridge.Gap("one", 10**15 - 2)]
+    said = remote.MemberSaid(A, None, "still heard", False)
+    assert two.receive(one.encode(said, now=2.0), now=2.0) == [
+        bridge.Gap("one", 0),  # its numbering starts over: its roster is wanted again
+        bridge.FromServer("one", said),
+    ]
+    assert two.receive(one.encode(said, now=3.0), now=3.0) == [bridge.FromServer("one", said)]
+
+
 def test_a_roster_from_a_new_server_is_no_gap() -> None:
     one, two = pair()
     hello = one.hello([(A, "ann"), (B, None)], ask=True)

@@ -36,6 +36,11 @@ QUEUE_BYTES = 1024 * 1024
 # being dropped as old until the forged number is passed.
 REPLAY_WINDOW = 1024
 
+# The most other servers known at once: far more than one room needs, and few enough that
+# anyone publishing under new ids costs little (each is kept, and looked over each turn, until
+# it has been silent for the timeout). A message from a new server past it is refused.
+MAX_SERVERS = 1024
+
 # A history record's date, which every newcomer is shown (time.localtime): from the epoch to
 # the end of year 9999, so a forged NaN, infinity or 1e300 cannot fail each join.
 LATEST_DATE = 253402300799.0
@@ -146,12 +151,14 @@ class Bridge:
         timeout: float = TIMEOUT_SECONDS,
         max_message: int = MAX_MESSAGE,
         heartbeat: float = HEARTBEAT_SECONDS,
+        max_servers: int = MAX_SERVERS,
     ) -> None:
         self.server_id = server_id
         self._max_text = most_text_bytes(max_line)  # a remote text's most, as a local one's
         self._timeout = timeout
         self._max_message = max_message
         self._heartbeat = heartbeat
+        self._max_servers = max_servers
         self._seq = 0  # the last sequence number this server used
         self._peers: dict[str, _Peer] = {}  # the other servers heard from, by id
         self._up_since: float | None = None  # the link works since then; None: it does not
@@ -211,9 +218,11 @@ class Bridge:
         if server == self.server_id:
             self._echoed_at = now
             return []
+        peer = self._peers.get(server)
+        if peer is None and len(self._peers) >= self._max_servers:
+            raise BadMessage(f"from a new server {server!r}, over {self._max_servers} servers")
         item = self._item(server, message)
         items: list[Received] = [] if item is None else [item]
-        peer = self._peers.get(server)
         if peer is None:
             self._peers[server] = _Peer(seq, now)
             return items if isinstance(item, Roster) else [Gap(server, 0), *items]

@@ -357,9 +357,10 @@ class RedisLink:
             log.warning("the room's history not read: Redis refused it: %s", reply)
             self._whole()  # the room works without it
         elif isinstance(reply, hiredis.ReplyError):
-            log.warning("Redis refused a command: %s", reply)
             if awaited:  # the link cannot work without this one
                 self._fail(f"Redis refused a command: {reply}")
+            else:
+                log.warning("Redis refused a command: %s", reply)
         elif awaited == "subscribed":
             self._subscribed()
         elif awaited == "history" and isinstance(reply, list):
@@ -432,9 +433,11 @@ class RedisLink:
         self._bridge.link_down()
         most = min(RECONNECT_MOST_SECONDS, RECONNECT_FIRST_SECONDS * 2**self._failures)
         wait = self._random.uniform(most / 2, most)
+        # One line for an outage, however long: the tries after the first are debug lines.
+        level = logging.DEBUG if self._failures else logging.WARNING
         self._failures = min(self._failures + 1, 16)
         self._reconnect_at = self._clock() + wait
-        log.warning("Redis link down: %s; trying again in %.2f s", why, wait)
+        log.log(level, "Redis link down: %s; trying again in %.2f s, and on", why, wait)
         if was_up:
             self._deliver([bridge.LinkDown()])
 

@@ -177,6 +177,18 @@ def test_a_history_record_too_big_to_read_is_skipped_not_a_wedge(cluster: Cluste
     assert ann.read_line().endswith("[6.6.6.6:6] kept")
 
 
+def test_a_redis_down_for_many_tries_is_one_log_line(room: Room) -> None:
+    port = closed_port()
+    with socket.create_server(("127.0.0.1", port)) as fake:  # takes a connection, then closes it
+        fake.settimeout(WAIT_SECONDS)
+        early = room.server("--redis", f"redis://127.0.0.1:{port}", *FAST)
+        for _ in range(8):  # four tries of two connections each
+            fake.accept()[0].close()
+    start_redis(room, port)
+    early.stderr.expect("joined the room on", timeout=30)
+    assert sum("Redis link down" in line for line in early.stderr.lines) == 1
+
+
 def test_a_redis_that_refuses_scripts_is_joined_without_history(room: Room) -> None:
     port = closed_port()
     start_redis(room, port, "--user", "default", "on", "nopass", "~*", "&*", "+@all", "-eval")

@@ -168,6 +168,8 @@ class Bridge:
         self._next_beat = 0.0  # when the next heartbeat is due, while the link is up
         self._asked_at: float | None = None  # when rosters were last asked for, since up
         self._ask_pending = False  # rosters were wanted too soon after asking: with the next beat
+        self._answered_at: float | None = None  # when another's ask was last answered, since up
+        self._answer_pending = False  # an ask came too soon after answering: with the next beat
 
     # Outgoing
 
@@ -358,6 +360,8 @@ class Bridge:
         self._next_beat = now + self._heartbeat
         self._asked_at = None
         self._ask_pending = False
+        self._answered_at = None
+        self._answer_pending = False
 
     def link_down(self) -> None:
         self._up_since = None
@@ -370,6 +374,21 @@ class Bridge:
             return False
         self._asked_at, self._ask_pending = now, False
         return True
+
+    def may_answer(self, now: float) -> bool:
+        """Whether to answer another server's ask for rosters now: at most once a heartbeat,
+        since an answer is this server's whole roster and anyone who can publish can ask as
+        often as they like; one asked sooner is answered with the next beat (answer_pending).
+        Every server hears each answer, so one serves every asker."""
+        if self._answered_at is not None and now - self._answered_at < self._heartbeat:
+            self._answer_pending = True
+            return False
+        self._answered_at, self._answer_pending = now, False
+        return True
+
+    @property
+    def answer_pending(self) -> bool:
+        return self._answer_pending
 
     def beat_due(self, now: float) -> bool:
         """Whether a heartbeat is due now (the next is then counted from now). If rosters

@@ -281,6 +281,13 @@ class RedisLink:
             hello = self._bridge.hello(self._roster(), ask=True)
             self._publish([("PUBLISH", self._channel, hello)])
 
+    def _answer(self, now: float) -> None:
+        """Publishes this server's roster for the servers that asked, when the bridge says
+        it may (else it goes with the next heartbeat)."""
+        if self._bridge.may_answer(now):
+            hello = self._bridge.hello(self._roster(), ask=False)
+            self._publish([("PUBLISH", self._channel, hello)])
+
     def flush(self) -> None:
         """Hands each connection's queue to the kernel (once a turn, before select())."""
         for connection in list(self._connections):
@@ -384,8 +391,7 @@ class RedisLink:
                     log.warning("missed %d message(s) from server %s", item.missed, item.server)
                 self._ask_for_rosters(now)
             elif isinstance(item, bridge.Roster) and item.ask:
-                hello = self._bridge.hello(self._roster(), ask=False)
-                self._publish([("PUBLISH", self._channel, hello)])
+                self._answer(now)
         self._deliver([item for item in items if not isinstance(item, bridge.Gap)])
 
     # Time
@@ -416,6 +422,8 @@ class RedisLink:
         elif self._bridge.beat_due(now):
             if self._bridge.ask_pending:
                 self._ask_for_rosters(now)
+            elif self._bridge.answer_pending:
+                self._answer(now)
             else:
                 self._publish([("PUBLISH", self._channel, self._bridge.heartbeat())])
         gone = self._bridge.gone(now)

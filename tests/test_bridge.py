@@ -67,6 +67,17 @@ def test_rosters_are_asked_for_at_most_once_a_heartbeat() -> None:
     assert not one.ask_pending
 
 
+def test_asks_for_rosters_are_answered_at_most_once_a_heartbeat() -> None:
+    one = bridge.Bridge("one", heartbeat=2.0)
+    one.link_up(10.0)
+    assert one.may_answer(10.0)
+    assert not one.may_answer(10.5)  # asked again at once: put off ...
+    assert one.answer_pending
+    assert one.beat_due(12.0)  # ... to the next beat, which answers
+    assert one.may_answer(12.0)
+    assert not one.answer_pending
+
+
 def test_a_private_message_for_another_server_is_not_this_ones() -> None:
     one, two = pair()
     two.receive(one.hello([], ask=False), now=0.0)

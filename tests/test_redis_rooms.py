@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -28,6 +29,9 @@ from .conftest import (
     rss_bytes,
     wait_for,
 )
+
+if TYPE_CHECKING:
+    import hiredis
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed"),
@@ -393,6 +397,43 @@ def test_a_forged_server_s_members_are_bounded(cluster: Cluster) -> None:
     assert "19997 member(s) of other servers left out" in server.stderr.expect("left out")
     ann.say("/who")
     assert ann.expect("here:").startswith("* 4 here: ")
+
+
+def test_a_flood_of_forged_asks_is_answered_once_a_heartbeat(cluster: Cluster) -> None:
+    """Each answer is a server's whole roster: answering every ask let a few bytes from
+    anyone make every server publish its roster again and again, filling its queue to
+    Redis (and dropping its members' lines for the others)."""
+    import hiredis
+
+    server = cluster.server()
+    ann = cluster.member(server, "ann")
+    with socket.create_connection(("127.0.0.1", cluster.port), timeout=WAIT_SECONDS) as sub:
+        sub.sendall(b"*2\r\n$9\r\nSUBSCRIBE\r\n$19\r\nchatroom:0:chatroom\r\n")
+        reader = hiredis.Reader()
+        assert next_reply(sub, reader)[0] == b"subscribe"
+        for n in range(1, 501):
+            ask = {"s": "evil", "n": n, "t": "hello", "members": [], "ask": True}
+            cluster.publish(json.dumps(ask).encode())
+        ann.say("after the asks")
+        answers = 0
+        for _ in range(10_000):
+            message = json.loads(next_reply(sub, reader)[2])
+            if message["s"] == "evil":
+                continue
+            if message["t"] == "say":
+                break
+            answers += message["t"] == "hello"
+    assert answers <= 1
+
+
+def next_reply(sock: socket.socket, reader: hiredis.Reader) -> list[bytes]:
+    while True:
+        reply = reader.gets()
+        if isinstance(reply, list):
+            return reply
+        data = sock.recv(65536)
+        assert data, "Redis closed the connection"
+        reader.feed(data)
 
 
 def test_hostile_text_from_redis_is_sanitised_and_capped(cluster: Cluster) -> None:

@@ -131,6 +131,9 @@ class Room:
         self._shared = shared  # other servers share the room: emit Share outputs
         self._server_id = server_id  # this server's, for the name tie-break
         self._remote_ids: dict[str, str] = {}  # another server's member's IP:PORT → its key
+        # Each other server's members' keys (a dict as an ordered set), so that its roster
+        # costs its own members, not the whole room's.
+        self._by_server: dict[str, dict[str, None]] = {}
         self._names: dict[str, str] = {}  # lower-cased name → its member's IP:PORT
         self._history: deque[tuple[float, bytes]] = deque(maxlen=history_lines or 1)
         self._history_on = history_lines > 0
@@ -189,8 +192,13 @@ class Room:
     def _remove(self, key: str, member: Member, reason: str, now: float) -> list[Output]:
         """A member is gone, from this server or another: its name is free, and the room told."""
         del self._members[key]
-        if member.server is not None and self._remote_ids.get(member.member_id) == key:
-            del self._remote_ids[member.member_id]
+        if member.server is not None:
+            if self._remote_ids.get(member.member_id) == key:
+                del self._remote_ids[member.member_id]
+            keys = self._by_server[member.server]
+            del keys[key]
+            if not keys:
+                del self._by_server[member.server]
         if member.name is not None:
             del self._names[member.name.lower()]
         if self._batching(self._leaves, f"{member.label} ({reason})", now):
@@ -259,6 +267,7 @@ class Room:
         self._members[key] = member
         if member.server is not None:
             self._remote_ids[member.member_id] = key
+            self._by_server.setdefault(member.server, {})[key] = None
         if batched:
             return []
         return [ToMembers(protocol.joined_line(member.label), sender=key)]
@@ -410,9 +419,9 @@ class Room:
         keys = {remote_key(server, member_id) for member_id, _ in roster}
         outputs = [
             output
-            for key, member in list(self._members.items())
-            if member.server == server and key not in keys
-            for output in self._remove(key, member, protocol.REASON_LOST, now)
+            for key in list(self._by_server.get(server, ()))
+            if key not in keys
+            for output in self._remove(key, self._members[key], protocol.REASON_LOST, now)
         ]
         for member_id, name in roster:
             outputs += self.apply_remote(server, remote.MemberJoined(member_id, name), now)

@@ -157,6 +157,7 @@ class RedisLink:
         self._failures = 0  # attempts failed in a row, for the backoff
         self._dropped = 0  # lines not shared since the queue last had room, or since the split
         self._bad = 0  # bad messages not logged yet (one log line a second at most)
+        self._bad_why = ""  # what was wrong with the last of them
         self._bad_logged_at = -1.0
 
     @property
@@ -380,10 +381,8 @@ class RedisLink:
         try:
             items = self._bridge.receive(payload, now)
         except bridge.BadMessage as exc:
-            self._bad += 1
-            if now - self._bad_logged_at >= 1.0:
-                log.warning("dropped %d bad message(s) from Redis, the last: %s", self._bad, exc)
-                self._bad, self._bad_logged_at = 0, now
+            self._bad, self._bad_why = self._bad + 1, str(exc)
+            self._log_bad(now)
             return
         for item in items:
             if isinstance(item, bridge.Gap):
@@ -393,6 +392,15 @@ class RedisLink:
             elif isinstance(item, bridge.Roster) and item.ask:
                 self._answer(now)
         self._deliver([item for item in items if not isinstance(item, bridge.Gap)])
+
+    def _log_bad(self, now: float) -> None:
+        """The bad messages not logged yet, if the last such line is a second old (those
+        left over are logged on a later timer: a heartbeat's, at the latest)."""
+        if self._bad and now - self._bad_logged_at >= 1.0:
+            log.warning(
+                "dropped %d bad message(s) from Redis, the last: %s", self._bad, self._bad_why
+            )
+            self._bad, self._bad_logged_at = 0, now
 
     # Time
 
@@ -426,6 +434,7 @@ class RedisLink:
                 self._answer(now)
             else:
                 self._publish([("PUBLISH", self._channel, self._bridge.heartbeat())])
+        self._log_bad(now)
         gone = self._bridge.gone(now)
         if gone:
             self._deliver(list(gone))

@@ -436,6 +436,16 @@ def next_reply(sock: socket.socket, reader: hiredis.Reader) -> list[bytes]:
         reader.feed(data)
 
 
+def test_bad_messages_after_the_last_logged_are_logged_too(cluster: Cluster) -> None:
+    """Bad messages are logged one line a second at most; those after the last line were
+    counted, and logged only if another bad one came later, so a burst's tail went unseen."""
+    server = cluster.server(*FAST)
+    cluster.publish(b"first junk")
+    cluster.publish(b"second junk")
+    assert "dropped 1 bad message(s)" in server.stderr.expect("bad message")
+    assert "dropped 1 bad message(s)" in server.stderr.expect("bad message", timeout=5)
+
+
 def test_hostile_text_from_redis_is_sanitised_and_capped(cluster: Cluster) -> None:
     server = cluster.server(*FAST)
     ann = cluster.member(server, "ann")

@@ -391,6 +391,8 @@ class RedisLink:
                 self._ask_for_rosters(now)
             elif isinstance(item, bridge.Roster) and item.ask:
                 self._answer(now)
+            elif isinstance(item, bridge.ServerGone):
+                self._ask_for_rosters(now)  # see _act_on_time
         self._deliver([item for item in items if not isinstance(item, bridge.Gap)])
 
     def _log_bad(self, now: float) -> None:
@@ -438,6 +440,10 @@ class RedisLink:
         gone = self._bridge.gone(now)
         if gone:
             self._deliver(list(gone))
+            # Names its members held here may have been refused to others' members, by their
+            # servers' rule, where the gone server was never heard of (a server restarted):
+            # the rosters asked for again settle those claims anew, the same on every server.
+            self._ask_for_rosters(now)
 
     # Failing and closing
 

@@ -220,6 +220,26 @@ def test_names_taken_at_once_on_two_servers_stay_unique(cluster: Cluster) -> Non
     wait_for(settled, "one holder of the name, the same on both servers")
 
 
+def test_a_name_held_by_a_dead_server_s_member_goes_to_its_live_claimant(
+    cluster: Cluster,
+) -> None:
+    """A server killed and restarted: its old member's name is still held elsewhere until the
+    old server times out, and a new member who took the name on the new server (which never
+    heard of the old one) lost it there, for good: each server named it differently."""
+    two = cluster.server(*FAST)
+    ben = cluster.member(two, "ben")
+    # The dead server's member, announced once: server "0" sorts first, so its claim wins.
+    ghost = {"s": "0", "n": 1, "t": "hello", "members": [["6.6.6.6:6", "ann"]], "ask": False}
+    cluster.publish(json.dumps(ghost).encode())
+    ben.expect("* ann@6.6.6.6:6 joined")
+    one = cluster.server(*FAST)  # started after: it never hears of server "0"
+    ann = cluster.member(one, "ann")
+    assert ann.label == f"ann@{ann.member_id}"
+    ben.expect(f"* {ann.member_id} joined")  # here the name is still the ghost's
+    ben.expect("* ann@6.6.6.6:6 left (connection lost)")
+    assert ben.expect(" is now ") == f"* {ann.member_id} is now ann@{ann.member_id}"
+
+
 def test_a_killed_server_s_members_leave_elsewhere(cluster: Cluster) -> None:
     servers, (ann, ben, cat) = three_servers(cluster)
     servers[1].proc.send_signal(signal.SIGKILL)

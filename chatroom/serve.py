@@ -143,7 +143,8 @@ def web_codec_factory(origins: tuple[str, ...], max_line: int) -> WebCodecFactor
             exc,
         )
         return None
-    return functools.partial(web.WebCodec, web.load_settings(origins, max_line))
+    settings = web.load_settings(origins, max_line, web.machine_names())
+    return functools.partial(web.WebCodec, settings)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -248,8 +249,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=web_origin,
         default=[],
         metavar="ORIGIN",
-        help="a page at this origin (scheme://host[:port]) may open the room's WebSocket too; "
-        "repeatable. The room's own page always may, and no other (default: none)",
+        help="a page at this origin (scheme://host[:port]) may open the room's WebSocket too, "
+        "and its host name may be the Host of a request; repeatable. The room's own page "
+        "always may (under an IP, localhost or this machine's name), and no other "
+        "(default: none)",
     )
     logs = parser.add_argument_group("logging (on stderr)")
     logs.add_argument(

@@ -5,8 +5,9 @@ over the sans-IO layer of the websockets library. Needs the web extra (pip insta
 The library parses the HTTP request, checks the handshake and Origin, frames, unmasks, checks
 UTF-8, answers pings and closes; this module only decides what each request gets and maps
 messages to lines, one to one (IRCv3's WebSocket convention): each text message in is one client
-line, each server line out is one text message. GET / is the page (chatroom/page.html); a
-WebSocket upgrade on /ws from an allowed Origin joins the room; anything else is a small
+line, each server line out is one text message. A request whose Host is not one of this
+server's names gets 403 (DNS rebinding); GET / is the page (chatroom/page.html); a WebSocket
+upgrade on /ws from an allowed Origin joins the room; anything else is a small
 answer (400, 403, 404, 405, 426, 431), then the end. PROTOCOL.md has the whole mapping.
 """
 
@@ -15,7 +16,10 @@ from __future__ import annotations
 import base64
 import email.utils
 import hashlib
+import ipaddress
 import re
+import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +63,12 @@ _HELD_LINE_BREAK = b"\r2\n"
 
 _INLINE = re.compile(rb"<(script|style)>(.*?)</\1>", re.DOTALL)
 
+# The host part of a Host header or an Origin: a bracketed IPv6 literal, or up to the port.
+_HOST_PART = re.compile(r"(\[[^\]]*\]|[^:]*)(?::\d*)?")
+
+# The 403 for a Host that is not this server's: how the operator allows a name.
+HOST_REFUSED = "Unknown host name: the server allows one with --web-origin http://NAME:PORT\n"
+
 
 class SharedFrames:
     """The text frames of the last share encoded. The fan-out hands every member of a turn the
@@ -91,6 +101,9 @@ class WebSettings:
     page: bytes  # the page's HTML, served as is
     csp: str  # its Content-Security-Policy: the hashes of its own inline script and style
     origins: tuple[str, ...]  # Origins allowed besides the page's own (--web-origin)
+    # Host names a request may name besides IP literals and localhost: the machine's own, and
+    # those of --web-origin. Any other is DNS rebinding's way past the Origin rule.
+    host_names: frozenset[str]
     max_line: int  # a message over this, counting a newline as a line would, is refused
     frames: SharedFrames = field(default_factory=SharedFrames, compare=False)
 
@@ -125,10 +138,47 @@ def content_security_policy(page: bytes) -> str:
     )
 
 
-def load_settings(origins: tuple[str, ...], max_line: int) -> WebSettings:
-    """The page read once, at start-up. Raises OSError if it cannot be read."""
+def host_part(host: str) -> str:
+    """The name or address of a Host header (or an Origin's authority) without its port,
+    lowercase and without the trailing dot of a fully qualified name; "" if none."""
+    found = _HOST_PART.fullmatch(host.strip().lower())
+    return found.group(1).rstrip(".") if found else ""
+
+
+def machine_names() -> list[str]:
+    """The machine's own names as it sees them: its host name, that name's mDNS form
+    (NAME.local) and its fully qualified name. Called once at start-up (getfqdn may ask DNS)."""
+    name = socket.gethostname()
+    short = name.split(".")[0]
+    return [name, short, f"{short}.local", socket.getfqdn()]
+
+
+def is_allowed_host(host: str, names: frozenset[str]) -> bool:
+    """An IP literal (IPv4, or IPv6 in brackets), localhost, or one of these names. A browser
+    puts the name it looked up in Host, so a hostile name pointed at this server (DNS
+    rebinding) is refused here, before its page can pass as the room's own origin."""
+    name = host_part(host)
+    if name == "localhost" or name in names:
+        return True
+    try:
+        if name.startswith("[") and name.endswith("]"):
+            ipaddress.IPv6Address(name[1:-1])
+        else:
+            ipaddress.IPv4Address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def load_settings(
+    origins: tuple[str, ...], max_line: int, own_names: Iterable[str] = ()
+) -> WebSettings:
+    """The page read once, at start-up, and the host names allowed: own_names (the machine's,
+    from machine_names) and those of the origins. Raises OSError if the page cannot be read."""
     page = PAGE_FILE.read_bytes()
-    return WebSettings(page, content_security_policy(page), origins, max_line)
+    authorities = (origin.partition("://")[2] for origin in origins)
+    names = frozenset(host_part(name) for name in [*own_names, *authorities]) - {""}
+    return WebSettings(page, content_security_policy(page), origins, names, max_line)
 
 
 class WebCodec:
@@ -192,6 +242,11 @@ class WebCodec:
             host = request.headers.get("Host", "").lower()
         except MultipleValuesError:  # RFC 9112 3.2: a 400, whatever the request
             return self._ws.reject(400, "More than one Host header.\n")
+        # Host first, for the page too: under a name that is not this server's, the page
+        # could only fail to join, and the WebSocket must not take that name's Origin as its own.
+        # No Host at all: no browser omits it, so no rebinding either.
+        if host and not is_allowed_host(host, self._settings.host_names):
+            return self._ws.reject(403, HOST_REFUSED)
         if request.path == "/":
             return self._page()
         if request.path != WEBSOCKET_PATH:

@@ -26,10 +26,13 @@ from .test_tls import Certificates, certs
 __all__ = ["certs"]  # the fixture, shared with the TLS tests
 
 
-def get(port: int, path: str, method: str = "GET") -> tuple[int, str, bytes]:
+def get(
+    port: int, path: str, method: str = "GET", host: str | None = None
+) -> tuple[int, str, bytes]:
+    """A request to 127.0.0.1, under another Host if told (as a browser would send a name)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT_SECONDS)
     try:
-        conn.request(method, path)
+        conn.request(method, path, headers={} if host is None else {"Host": host})
         response = conn.getresponse()
         return response.status, response.getheader("Content-Type", ""), response.read()
     finally:
@@ -105,6 +108,59 @@ def test_another_origin_gets_403_and_nobody_joins(room: Room) -> None:
     assert refused.value.response.status_code == 403
     line_member.say("/who")
     assert line_member.read_line() == f"* 1 here: {line_member.member_id}"
+
+
+def web_member_named(port: int, host: str) -> ClientConnection:
+    """A WebSocket member over 127.0.0.1 whose browser knows the server as host (Host and
+    Origin both say host:port), as after a DNS lookup of that name."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT_SECONDS)
+    try:
+        return connect(
+            f"ws://{host}:{port}/ws",
+            sock=sock,
+            origin=Origin(f"http://{host}:{port}"),
+            open_timeout=WAIT_SECONDS,
+        )
+    except BaseException:
+        sock.close()
+        raise
+
+
+def test_dns_rebinding_gets_403_for_the_page_and_the_websocket_and_nobody_joins(
+    room: Room,
+) -> None:
+    port = room.server().port
+    [line_member] = room.joined_members(port, 1)
+    status, _, body = get(port, "/", host=f"evil.example:{port}")
+    assert status == 403 and b"--web-origin" in body
+    with pytest.raises(InvalidStatus) as refused:
+        web_member_named(port, "evil.example")
+    assert refused.value.response.status_code == 403
+    line_member.say("/who")
+    assert line_member.read_line() == f"* 1 here: {line_member.member_id}"
+
+
+@pytest.mark.parametrize("name", ["127.0.0.1", "[::1]", "localhost", socket.gethostname()])
+def test_an_ip_localhost_or_the_machines_own_name_is_served_and_joins(
+    room: Room, name: str
+) -> None:
+    port = room.server().port
+    [line_member] = room.joined_members(port, 1)
+    assert get(port, "/", host=f"{name}:{port}")[:2] == (200, "text/html")
+    with web_member_named(port, name) as ws:
+        join(ws)
+        line_member.expect(f"* {own_id(ws)} joined")
+
+
+def test_a_web_origins_name_is_served_and_joins(room: Room) -> None:
+    """The name is what --web-origin allows as Host; the page there is then the room's own."""
+    port = room.server("--web-origin", "http://chat.example:5050").port
+    [line_member] = room.joined_members(port, 1)
+    assert get(port, "/", host=f"chat.example:{port}")[:2] == (200, "text/html")
+    with web_member_named(port, "chat.example") as ws:
+        join(ws)
+        line_member.expect(f"* {own_id(ws)} joined")
+    assert get(port, "/", host=f"chat.example.evil:{port}")[0] == 403
 
 
 def test_an_allowlisted_origin_may_join(room: Room) -> None:

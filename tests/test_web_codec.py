@@ -20,14 +20,21 @@ from websockets.uri import parse_uri
 
 from chatroom import protocol
 from chatroom.connection import ChosenByFirstBytes, Codec, LineCodec
-from chatroom.web import WebCodec, WebSettings, content_security_policy, load_settings
+from chatroom.web import (
+    WebCodec,
+    WebSettings,
+    content_security_policy,
+    load_settings,
+    machine_names,
+)
 
 MAX_LINE = 64
 HOST = "chat.example:7000"
 
 
 def settings(origins: tuple[str, ...] = ()) -> WebSettings:
-    return load_settings(origins, MAX_LINE)
+    """As on a machine named chat.example."""
+    return load_settings(origins, MAX_LINE, ["chat.example"])
 
 
 def http(codec: Codec, request: bytes, one_byte_at_a_time: bool = False) -> bytes:
@@ -44,11 +51,15 @@ class Browser:
     """websockets' client side, talking to a codec."""
 
     def __init__(
-        self, codec: Codec, origin: str | None = f"http://{HOST}", one_byte: bool = False
+        self,
+        codec: Codec,
+        origin: str | None = f"http://{HOST}",
+        one_byte: bool = False,
+        host: str = HOST,
     ) -> None:
         self.codec = codec
         self.client = ClientProtocol(
-            parse_uri(f"ws://{HOST}/ws"), origin=None if origin is None else Origin(origin)
+            parse_uri(f"ws://{host}/ws"), origin=None if origin is None else Origin(origin)
         )
         self.client.send_request(self.client.connect())
         answer = http(codec, b"".join(self.client.data_to_send()), one_byte)
@@ -196,6 +207,70 @@ def test_an_allowlisted_origin_and_no_origin_at_all_are_accepted() -> None:
     )
     # No Origin header: no browser omits it, so this is a program, not another site's page.
     assert Browser(WebCodec(settings(), False), origin=None).response.status_code == 101
+
+
+@pytest.mark.parametrize("path", ["/", "/ws"])
+@pytest.mark.parametrize(
+    "host", ["evil.example:7000", "evil.example", "chat.example.evil:7000", ":7000", "[::1"]
+)
+def test_a_host_not_this_servers_is_refused_with_403_page_and_websocket(
+    path: str, host: str
+) -> None:
+    """DNS rebinding: evil.example pointed at this server sends its own name as Host and as
+    Origin, which would pass for the page's own origin."""
+    codec = WebCodec(settings(), secure=False)
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n".encode() + UPGRADE + b"\r\n"
+    request = request.replace(b"Origin: http://evil.example", f"Origin: http://{host}".encode())
+    answer = http(codec, request)
+    assert answer.startswith(b"HTTP/1.1 403 ") and b"--web-origin" in answer
+    assert codec.ended and lines(codec) == []
+
+
+def test_the_rebinding_handshake_is_refused_by_websockets_own_client() -> None:
+    codec = WebCodec(settings(), secure=False)
+    browser = Browser(codec, "http://evil.example:7000", host="evil.example:7000")
+    assert browser.response.status_code == 403
+    assert codec.ended and lines(codec) == []
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1:7000",
+        "192.168.1.20:7000",
+        "[::1]:7000",
+        "[fe80::1]:7000",
+        "localhost:7000",
+        "LocalHost",
+        "chat.example:7000",  # the machine's own name
+        "chat.example.:7000",
+        "10.0.0.1",
+    ],
+)
+def test_an_ip_literal_localhost_or_the_machines_name_is_served(host: str) -> None:
+    assert http(WebCodec(settings(), False), get("/", host=host)).startswith(b"HTTP/1.1 200 OK")
+    browser = Browser(WebCodec(settings(), False), f"http://{host.lower()}", host=host)
+    assert browser.response.status_code == 101
+
+
+def test_a_web_origins_host_is_allowed_as_host() -> None:
+    allowed = settings(("https://chat.school.example", "http://[::1]:8080"))
+    host = "chat.school.example:5050"
+    assert http(WebCodec(allowed, False), get("/", host=host)).startswith(b"HTTP/1.1 200 OK")
+    assert (
+        Browser(WebCodec(allowed, True), f"https://{host}", host=host).response.status_code == 101
+    )
+    refused = http(WebCodec(settings(), False), get("/", host=host))
+    assert refused.startswith(b"HTTP/1.1 403 ")
+
+
+def test_the_machines_names_are_its_host_name_its_mdns_name_and_its_fqdn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("socket.gethostname", lambda: "Lab-PC7")
+    monkeypatch.setattr("socket.getfqdn", lambda: "lab-pc7.school.example")
+    names = load_settings((), MAX_LINE, machine_names()).host_names
+    assert names == {"lab-pc7", "lab-pc7.local", "lab-pc7.school.example"}
 
 
 def test_a_message_at_the_line_limit_passes_one_over_is_refused_and_the_member_stays() -> None:
